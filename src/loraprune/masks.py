@@ -106,8 +106,13 @@ class MaskSet:
             m.ffn = new
         if "heads" in targets:
             self._update_heads(spec, m, ratio, final_ratio, scores)
-        self.head_gates[i].copy_(m.heads.float())
-        self.ffn_gates[i].copy_(m.ffn.float())
+        self._sync_gates(i)
+
+    @torch.no_grad()
+    def _sync_gates(self, i: int) -> None:
+        # in place: the hooks hold these tensors (and mask-taylor makes them autograd leaves)
+        self.head_gates[i].copy_(self.layers[i].heads.float())
+        self.ffn_gates[i].copy_(self.layers[i].ffn.float())
 
     def _update_heads(self, spec: LayerSpec, m: LayerMask, ratio: float, final_ratio: float,
                       scores: dict) -> None:
@@ -198,8 +203,7 @@ class MaskSet:
             m.heads = _bool(s.num_heads, rec["heads_kept"])
             m.kv = _bool(s.num_kv_heads, rec["kv_heads_kept"])
             m.ffn = _bool(s.intermediate_size, rec["ffn_kept"])
-            ms.head_gates[i].copy_(m.heads.float())
-            ms.ffn_gates[i].copy_(m.ffn.float())
+            ms._sync_gates(i)
         return ms
 
     @classmethod

@@ -152,7 +152,9 @@ def prune(cfg: PruneConfig, hooks: Hooks | None = None) -> dict:
     pruner = Pruner(spec, masks, criterion, ratio=cfg.ratio, targets=cfg.target_list, total_steps=cfg.steps,
                     prune_every=cfg.prune_every, warmup_frac=cfg.warmup_frac,
                     cooldown_frac=cfg.cooldown_frac, ema=cfg.ema, round_to=cfg.round_to)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Only LoRA weights train. (The `taylor` baseline turns on base-weight gradients for scoring;
+    # those never reach the optimizer.)
+    trainable = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
 
