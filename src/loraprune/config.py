@@ -68,6 +68,10 @@ class PruneConfig:
     save_dtype: str = _f("fp32", "dtype of the saved weights: fp32, bf16, fp16", choices=SAVE_DTYPES)
     trust_remote_code: bool = _f(False, "allow custom modeling code of the --model you pass")
     threads: int = _f(0, "torch threads (0: torch's default)")
+    # long runs
+    save_every: int = _f(25, "checkpoint every N steps (0: only on SIGTERM/SIGINT); see --resume")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    debug_sync: bool = _f(False, "data parallel: check after every mask update that all ranks agree")
 
     def __post_init__(self):
         self.validate()
@@ -79,6 +83,8 @@ class PruneConfig:
                      "calib_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise UserError("--save-every must be >= 0 and --keep-checkpoints >= 1")
         if self.eval_windows < 0 or self.eval_ctx < 2:
             raise UserError("--eval-windows must be >= 0 and --eval-ctx >= 2")
         if not 0.0 <= self.ema < 1.0:

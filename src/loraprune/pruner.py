@@ -29,10 +29,13 @@ class Pruner:
         self.current_ratio = 0.0
         self.history: list[dict] = []
 
-    def observe(self, model) -> None:
-        """Fold this step's scores into the moving average (first observation initialises it)."""
+    def observe(self, model, reduce=None) -> None:
+        """Fold this step's scores into the moving average (first observation initialises it).
+        `reduce` (data parallel) averages the scores across ranks in place so masks agree."""
         for i in self.masks.prunable:
             new = self.criterion.layer_scores(model, self.spec.layers[i])
+            if reduce is not None:
+                reduce(list(new.values()))
             for key, val in new.items():
                 if not torch.isfinite(val).all():
                     raise NonFiniteScores(f"layer {i} {key} importance is not finite")

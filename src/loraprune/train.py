@@ -1,38 +1,53 @@
 """`prune()`: the whole LoRAPrune job as a library call (no argparse, no printing).
 
 load -> dense held-out PPL -> attach LoRA + mask hooks -> fine-tune LoRA while scoring units and
-shrinking masks on the cubic ramp -> pruned held-out PPL -> write adapter, masks, compact model,
-config and report into an atomically renamed output directory.
+shrinking masks on the cubic ramp (checkpointing as it goes) -> pruned held-out PPL -> write
+adapter, masks, compact model, config and report.
+
+While running, everything lives in a hidden `.NAME.partial/` directory next to `--out NAME`; it is
+renamed to NAME only when complete (report.json is written last). A killed run leaves only the
+partial directory, whose checkpoints `--resume NAME` continues from.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import resource
+import shutil
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt_mod
 from . import data as data_mod
 from .arch import TARGET_MODULES, model_spec, parse_layers
 from .config import PruneConfig
 from .criteria import build_criterion
+from .dist import Dist, check_batch, init_from_env, mask_checksum
 from .errors import UserError
 from .masks import MaskSet, ffn_keep, final_head_shapes
 from .models import load_model, load_tokenizer
-from .outdir import atomic_dir, check_out_dir
+from .outdir import check_out_dir
 from .ppl import perplexity
 from .pruner import NonFiniteScores, Pruner
 from .schedule import ramp_bounds
 
 log = logging.getLogger(__name__)
+# Tests slow the loop down with this so that they can kill a run at a chosen point.
+_TEST_STEP_DELAY = float(os.environ.get("LORAPRUNE_TEST_STEP_DELAY", "0") or 0)
 
 
 class TrainingDiverged(RuntimeError):
+    pass
+
+
+class RunInterrupted(RuntimeError):
     pass
 
 
@@ -62,6 +77,25 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def resolve_resume(run_dir: str) -> tuple[Path, Path]:
+    """(out, partial) for --resume: accepts the --out path or the partial directory itself."""
+    p = Path(run_dir).expanduser()
+    if p.name.startswith(".") and p.name.endswith(".partial"):
+        out = p.parent / p.name[1:-len(".partial")]
+    else:
+        out = p
+    part = partial_dir(out)
+    if (out / "report.json").is_file() and not part.exists():
+        raise UserError(f"{out} is a finished run; nothing to resume")
+    if not (part / "loraprune_config.json").is_file():
+        raise UserError(f"no unfinished run to resume at {out} (expected {part}/)")
+    return out, part
+
+
 def check_prunable(cfg: PruneConfig, spec, prunable: list[int]) -> None:
     """Reject settings that cannot be met, before any expensive work."""
     for i in prunable:
@@ -80,14 +114,13 @@ def check_prunable(cfg: PruneConfig, spec, prunable: list[int]) -> None:
 
 def preflight(cfg: PruneConfig) -> None:
     """Cheap checks of paths before any loading, so typos fail in a second."""
-    from pathlib import Path as _P
-
     from .models import resolve_model_path
 
     if cfg.model not in (None, "", "embedded"):
         resolve_model_path(cfg.model)
     for src in (cfg.data, cfg.eval_data if cfg.eval_windows else None):
-        if src and ("/" in src or _P(src).suffix) and not src.startswith("hf:") and not _P(src).expanduser().is_file():
+        if src and ("/" in src or Path(src).suffix) and not src.startswith("hf:") \
+                and not Path(src).expanduser().is_file():
             raise UserError(f"data file {src} does not exist")
 
 
@@ -98,10 +131,9 @@ def load_training_ids(cfg: PruneConfig, tokenizer) -> torch.Tensor:
 
 def load_eval_ids(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict]:
     spec = cfg.eval_data
-    split = "test"
-    docs = data_mod.load_documents(spec, split, cfg.text_field)
+    docs = data_mod.load_documents(spec, "test", cfg.text_field)
     text = data_mod.join_documents(docs)
-    meta = {"dataset": spec, "split": "heldout" if spec.startswith("sotu") else split,
+    meta = {"dataset": spec, "split": "heldout" if spec.startswith("sotu") else "test",
             "content_sha256_16": data_mod.content_hash(text)}
     if spec.startswith("sotu"):
         meta["heldout_rule"] = data_mod.SOTU_HOLDOUT_RULE
@@ -117,22 +149,51 @@ def _lr_lambda(cfg: PruneConfig):
     return f
 
 
-def prune(cfg: PruneConfig, hooks: Hooks | None = None) -> dict:
-    """Run the job described by cfg; return the report dict (also written to cfg.out)."""
+class _StopFlag:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, stop."""
+
+    def __init__(self, enabled: bool):
+        self.raised = False
+        self._old = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def prune(cfg: PruneConfig, hooks: Hooks | None = None, resume: str | None = None,
+          handle_signals: bool = False) -> dict:
+    """Run (or, with resume=OUT, continue) the job; return the report dict (also written to OUT)."""
     hooks = hooks or Hooks()
     t0 = time.time()
-    out = check_out_dir(cfg.out, cfg.overwrite)
+    d = init_from_env()
+    if resume:
+        out, part = resolve_resume(resume)
+    else:
+        out = check_out_dir(cfg.out, cfg.overwrite)
+        part = partial_dir(out)
+        if part.exists():
+            if not cfg.overwrite:
+                raise UserError(f"an unfinished run is in {part}; continue it with --resume {cfg.out} "
+                                "or start over with --overwrite")
+            if d.main:
+                shutil.rmtree(part)
+    check_batch(cfg.batch_size, d.world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
     preflight(cfg)
+
     hooks.phase("loading model")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    model = load_model(cfg.model, "fp32", cfg.trust_remote_code, device)
+    model = load_model(cfg.model, "fp32", cfg.trust_remote_code, d.device)
     spec = model_spec(model.config)
-    skip = parse_layers(cfg.skip_layers, spec.num_layers)
-    prunable = [i for i in range(spec.num_layers) if i not in skip]
+    prunable = [i for i in range(spec.num_layers) if i not in parse_layers(cfg.skip_layers, spec.num_layers)]
     check_prunable(cfg, spec, prunable)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos and cfg.seq_len > max_pos:
@@ -140,16 +201,38 @@ def prune(cfg: PruneConfig, hooks: Hooks | None = None) -> dict:
 
     hooks.phase("tokenizing data")
     seqs = data_mod.make_sequences(load_training_ids(cfg, tokenizer), cfg.seq_len)
-    stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)
     eval_ids, eval_meta = (load_eval_ids(cfg, tokenizer) if cfg.eval_windows else (None, {}))
+    if d.main:
+        part.mkdir(parents=True, exist_ok=True)
+        cfg.save(part / "loraprune_config.json")
+    d.barrier()
+    try:
+        report = _run(cfg, hooks, d, model, tokenizer, spec, prunable, seqs, eval_ids, eval_meta, out, part,
+                      resume is not None, handle_signals, t0)
+    except BaseException:
+        # keep the partial directory only when it holds a checkpoint worth resuming from
+        if d.main and part.exists() and not ckpt_mod.list_checkpoints(part / "checkpoints"):
+            shutil.rmtree(part, ignore_errors=True)
+        raise
+    return report
 
+
+def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, eval_meta, out, part,
+         resuming, handle_signals, t0) -> dict:
     params_dense = count_params(model)
-    dense_ppl = None
-    if eval_ids is not None:
+    ckpt_root = part / "checkpoints"
+    latest = ckpt_mod.list_checkpoints(ckpt_root)[-1] if resuming and ckpt_mod.list_checkpoints(ckpt_root) else None
+    lora_state, state = ckpt_mod.load(latest) if latest else (None, None)
+    if state is not None and state["world"] != d.world:
+        raise UserError(f"the checkpoint was written by {state['world']} processes; resume with the same number "
+                        f"(now {d.world})")
+
+    dense_ppl = state["dense_ppl"] if state else None
+    if eval_ids is not None and state is None:
         hooks.phase("dense perplexity")
         dense_ppl = perplexity(model, eval_ids, cfg.eval_ctx, cfg.eval_windows, progress=hooks.on_eval)
 
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict, get_peft_model_state_dict
 
     seed_everything(cfg.seed)
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -171,69 +254,147 @@ def prune(cfg: PruneConfig, hooks: Hooks | None = None) -> dict:
     trainable = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
+    stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)
+    losses, step_times, start = [], [], 1
+    do_prune = cfg.ratio > 0
+
+    if state is not None:
+        set_peft_model_state_dict(model, lora_state)
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        pruner.load_state_dict(state["pruner"])
+        loaded = MaskSet.load(latest / "masks.json", spec)
+        for i in range(spec.num_layers):
+            masks.layers[i] = loaded.layers[i]
+            masks._sync_gates(i)
+        stream.load_state_dict(state["stream"])
+        losses, step_times = list(state["losses"]), list(state["step_times"])
+        ckpt_mod.set_rng_state(state["rng"])
+        start = int(state["step"]) + 1
+        hooks.phase(f"resumed from {latest.name}")
+
+    def save_checkpoint(step: int) -> Path | None:
+        path = None
+        if d.main:
+            st = {"step": step, "world": d.world, "optim": optim.state_dict(), "sched": sched.state_dict(),
+                  "pruner": pruner.state_dict(), "stream": stream.state_dict(), "losses": losses,
+                  "step_times": step_times, "rng": ckpt_mod.rng_state(), "dense_ppl": dense_ppl}
+            path = ckpt_mod.save(ckpt_root, step, lora=get_peft_model_state_dict(model), state=st, masks=masks,
+                                 keep=cfg.keep_checkpoints)
+        d.barrier()
+        return path
 
     hooks.phase("pruning")
-    if cfg.schedule == "oneshot" and cfg.ratio > 0:
-        oneshot_scores(model, pruner, stream, cfg)
+    if cfg.schedule == "oneshot" and do_prune and state is None:
+        oneshot_scores(model, pruner, stream, cfg, d, trainable)
         pruner.apply_ratio(cfg.ratio, 0)
         stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)  # same data order as iterative
-    losses, step_times = [], []
-    for step in range(1, cfg.steps + 1):
-        ts = time.perf_counter()
-        loss = train_step(model, stream, cfg, device)
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at step {step}; lower --lr or use --dtype fp32")
-        if cfg.schedule == "iterative" and cfg.ratio > 0 and pruner.needs_scores(step):
-            pruner.observe(model)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optim.step()
-        sched.step()
-        optim.zero_grad(set_to_none=True)
-        if cfg.schedule == "iterative" and cfg.ratio > 0:
-            pruner.maybe_update(step)
-        losses.append(loss)
-        step_times.append(time.perf_counter() - ts)
-        if hooks.on_step:
-            hooks.on_step(step, cfg.steps, {"loss": loss, "ratio": pruner.current_ratio,
-                                             "lr": sched.get_last_lr()[0]})
-    if cfg.ratio > 0:
+    stop = _StopFlag(handle_signals)
+    try:
+        for step in range(start, cfg.steps + 1):
+            ts = time.perf_counter()
+            loss = train_step(model, stream, cfg, d)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
+            loss_t = torch.tensor([loss])
+            d.average(grads + [loss_t])  # no-op in one process
+            loss = float(loss_t)
+            if not math.isfinite(loss):
+                last = ckpt_mod.list_checkpoints(ckpt_root)
+                where = (f"the last good checkpoint ({last[-1].name}) is kept in {part}; fix the cause and "
+                         f"--resume {out}" if last else "no checkpoint was written yet")
+                raise TrainingDiverged(f"loss became {loss} at step {step}: stopped; {where} "
+                                       "(try a lower --lr or --dtype fp32)")
+            if cfg.schedule == "iterative" and do_prune and pruner.needs_scores(step):
+                pruner.observe(model, reduce=d.average)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optim.step()
+            sched.step()
+            model.zero_grad(set_to_none=True)
+            for g in masks.gate_parameters():
+                g.grad = None
+            if cfg.schedule == "iterative" and do_prune and pruner.maybe_update(step) and cfg.debug_sync:
+                if not d.all_equal(mask_checksum(masks)):
+                    raise RuntimeError(f"ranks disagree on the masks at step {step}")
+            losses.append(loss)
+            step_times.append(time.perf_counter() - ts)
+            if _TEST_STEP_DELAY:
+                time.sleep(_TEST_STEP_DELAY)
+            if hooks.on_step and d.main:
+                hooks.on_step(step, cfg.steps, {"loss": loss, "ratio": pruner.current_ratio,
+                                                 "lr": sched.get_last_lr()[0]})
+            stop_now = stop.raised
+            if d.enabled:
+                flag = torch.tensor([float(stop_now)])
+                torch.distributed.all_reduce(flag)
+                stop_now = bool(flag.item())
+            if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps) or stop_now:
+                path = save_checkpoint(step)
+                if stop_now:
+                    raise RunInterrupted(f"stopped by signal after step {step}; checkpoint {path or ''} saved; "
+                                         f"continue with: loraprune prune --resume {out}")
+    finally:
+        stop.restore()
+    if do_prune:
         pruner.finalize(cfg.steps)
 
     pruned_ppl = None
-    if eval_ids is not None:
+    if eval_ids is not None and d.main:
         hooks.phase("pruned perplexity")
         pruned_ppl = perplexity(model, eval_ids, cfg.eval_ctx, cfg.eval_windows, progress=hooks.on_eval)
 
-    hooks.phase("writing outputs")
+    report = None
+    if d.main:
+        hooks.phase("writing outputs")
+        report = _write_outputs(cfg, model, masks, tokenizer, spec, part, out, params_dense=params_dense,
+                                losses=losses, step_times=step_times, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
+                                eval_meta=eval_meta, history=pruner.history, t0=t0, n_seqs=int(seqs.shape[0]),
+                                world=d.world)
+    d.barrier()
+    return report if report is not None else {"out": str(out), "rank": d.rank}
+
+
+def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *, params_dense, losses,
+                   step_times, dense_ppl, pruned_ppl, eval_meta, history, t0, n_seqs, world) -> dict:
     from .report import build_report, write_report
 
-    with atomic_dir(out) as tmp:
-        export_info = None
-        if cfg.export:
-            from .export import export_compact
+    export_info = None
+    if cfg.export:
+        from .export import export_compact
 
-            export_info = export_compact(model, masks, tmp, tokenizer=tokenizer, uniform=cfg.uniform,
-                                         save_dtype=cfg.save_dtype)
-        model.save_pretrained(tmp / "adapter")
-        masks.save(tmp / "masks.json")
-        cfg.save(tmp / "loraprune_config.json")
-        report = build_report(
-            cfg=cfg, spec=spec, masks=masks, params_dense=params_dense, losses=losses, step_times=step_times,
-            dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_meta=eval_meta, history=pruner.history,
-            export_info=export_info, wall_s=time.time() - t0, peak_rss_mb=peak_rss_mb(),
-            n_train_seqs=int(seqs.shape[0]), ramp=ramp_bounds(cfg.steps, cfg.warmup_frac, cfg.cooldown_frac))
-        write_report(report, tmp)
+        export_info = export_compact(model, masks, part, tokenizer=tokenizer, uniform=cfg.uniform,
+                                     save_dtype=cfg.save_dtype)
+    model.save_pretrained(part / "adapter")
+    masks.save(part / "masks.json")
+    cfg.save(part / "loraprune_config.json")
+    report = build_report(
+        cfg=cfg, spec=spec, masks=masks, params_dense=params_dense, losses=losses, step_times=step_times,
+        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_meta=eval_meta, history=history,
+        export_info=export_info, wall_s=time.time() - t0, peak_rss_mb=peak_rss_mb(), n_train_seqs=n_seqs,
+        ramp=ramp_bounds(cfg.steps, cfg.warmup_frac, cfg.cooldown_frac))
+    report["world_size"] = world
+    shutil.rmtree(part / "checkpoints", ignore_errors=True)  # the finished run needs none
+    write_report(report, part)  # report.json last: marks the directory complete
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        part.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        part.rename(out)
     report["out"] = str(out)
     return report
 
 
-def train_step(model, stream, cfg: PruneConfig, device) -> float:
-    """Forward/backward over grad_accum micro-batches; gradients are left for scoring."""
+def train_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
+    """Forward/backward over grad_accum micro-batches of this rank's rows; gradients are left in .grad
+    (averaged across ranks by the caller) for scoring."""
     model.train()
     total = 0.0
     for _ in range(cfg.grad_accum):
-        batch = stream.next_batch().to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        batch = d.shard(stream.next_batch()).to(d.device)
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             loss = model(input_ids=batch, labels=batch).loss / cfg.grad_accum
         if not torch.isfinite(loss):
             return float("nan")
@@ -242,10 +403,13 @@ def train_step(model, stream, cfg: PruneConfig, device) -> float:
     return total
 
 
-def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig) -> None:
+def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, trainable) -> None:
     """Score on calibration batches (gradients discarded afterwards), for the oneshot schedule."""
-    device = next(model.parameters()).device
     for _ in range(cfg.calib_batches):
-        train_step(model, stream, cfg, device)
-        pruner.observe(model)
+        train_step(model, stream, cfg, d)
+        d.average([p.grad for p in model.parameters() if p.grad is not None]
+                  + [g.grad for g in pruner.masks.gate_parameters() if g.grad is not None])
+        pruner.observe(model, reduce=d.average)
         model.zero_grad(set_to_none=True)
+        for g in pruner.masks.gate_parameters():
+            g.grad = None

@@ -41,6 +41,8 @@ def register(sub) -> None:
                        description="Attach LoRA, fine-tune, score units from LoRA weights and gradients, mask the "
                                    "least important ones on a cubic ramp, then merge LoRA and slice the model.")
     p.add_argument("--config", help="YAML or JSON file of flag values (flags given here override it)")
+    p.add_argument("--resume", metavar="OUT", help="continue the unfinished run whose --out was OUT from its last "
+                   "checkpoint, with its saved config (only --threads may be given alongside)")
     add_config_flags(p)
     p.set_defaults(func=run)
 
@@ -71,19 +73,41 @@ class _Progress:
             self.bar = None
 
 
-def run(args) -> int:
-    cfg = config_from_args(args)
-    from ..report import render_markdown
-    from ..train import Hooks, TrainingDiverged, prune
-    from ..pruner import NonFiniteScores
+def resume_config(args) -> PruneConfig:
+    from ..train import resolve_resume
 
-    prog = _Progress()
+    given = [f.name for f in fields(PruneConfig) if getattr(args, f.name, None) is not None and f.name != "threads"]
+    if given or args.config:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--config"
+        raise UserError(f"--resume continues with the run's saved config; drop {flags}")
+    _, part = resolve_resume(args.resume)
+    cfg = PruneConfig.from_file(str(part / "loraprune_config.json"))
+    if args.threads is not None:
+        cfg.threads = args.threads
+    return cfg
+
+
+def run(args) -> int:
+    cfg = resume_config(args) if args.resume else config_from_args(args)
+    from ..dist import init_from_env
+    from ..pruner import NonFiniteScores
+    from ..report import render_markdown
+    from ..train import Hooks, RunInterrupted, TrainingDiverged, prune
+
+    main_rank = init_from_env().main
+    prog = _Progress() if main_rank else None
+    hooks = Hooks(on_step=prog.step, on_phase=prog.phase) if prog else Hooks()
     try:
-        report = prune(cfg, Hooks(on_step=prog.step, on_phase=prog.phase))
+        report = prune(cfg, hooks, resume=args.resume, handle_signals=True)
     except (TrainingDiverged, NonFiniteScores) as err:
-        prog.close()
-        raise UserError(f"{err}; nothing was written to {cfg.out}") from None
-    prog.close()
-    print(render_markdown(report))
-    print(f"wrote {report['out']}")
+        raise UserError(str(err)) from None
+    except RunInterrupted as err:
+        print(f"loraprune: {err}", file=sys.stderr)
+        return 130
+    finally:
+        if prog:
+            prog.close()
+    if main_rank:
+        print(render_markdown(report))
+        print(f"wrote {report['out']}")
     return 0
