@@ -292,6 +292,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
     stop = _StopFlag(handle_signals)
     try:
         for step in range(start, cfg.steps + 1):
+            if not (cfg.schedule == "iterative" and do_prune and pruner.needs_scores(step)):
+                end_scoring(criterion, model)
             ts = time.perf_counter()
             loss = train_step(model, stream, cfg, d)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -404,8 +406,11 @@ def train_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
 
 
 def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, trainable) -> None:
-    """Score on calibration batches (gradients discarded afterwards), for the oneshot schedule."""
-    for _ in range(cfg.calib_batches):
+    """Score on calibration batches (gradients discarded afterwards), for the oneshot schedule. The
+    scores are the plain mean over the batches (an EMA would weight the first batch most)."""
+    ema = pruner.ema
+    for k in range(cfg.calib_batches):
+        pruner.ema = k / (k + 1)  # running mean
         train_step(model, stream, cfg, d)
         d.average([p.grad for p in model.parameters() if p.grad is not None]
                   + [g.grad for g in pruner.masks.gate_parameters() if g.grad is not None])
@@ -413,3 +418,11 @@ def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, tra
         model.zero_grad(set_to_none=True)
         for g in pruner.masks.gate_parameters():
             g.grad = None
+    pruner.ema = ema
+
+
+def end_scoring(criterion, model) -> None:
+    """No more scores are needed: let the criterion drop what scoring costs (the taylor baseline's
+    base-weight gradients, mask-gate gradients, activation hooks). Idempotent."""
+    if hasattr(criterion, "teardown"):
+        criterion.teardown(model)
