@@ -54,8 +54,13 @@ def test_same_seed_same_masks(tiny_model_dir, text_file, tmp_path):
     assert outs[0] == outs[1]
 
 
-@pytest.mark.parametrize("case", ["ratio", "ratio_neg", "missing_model", "short_data", "missing_data",
-                                  "out_not_empty", "unknown_arch", "criterion", "uniform_skip"])
+CASES = ["ratio", "ratio_neg", "ratio_zero_units", "missing_model", "corrupt_weights", "truncated_weights",
+         "no_tokenizer", "short_data", "missing_data", "empty_data", "binary_data", "seq_len_over_context",
+         "out_not_empty", "out_not_writable", "unknown_arch", "criterion", "uniform_skip", "nan_loss",
+         "bad_config_file"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, text_file, tmp_path):
     model = tiny_model_dir()
     out = tmp_path / "out"
@@ -87,19 +92,49 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, t
                 shutil.copy(tiny_model_dir() / f, model / f)
     elif case == "criterion":
         extra = ["--criterion", "bogus"]
+    elif case == "ratio_zero_units":
+        extra = ["--ratio", 0.999, "--targets", "ffn"]
+    elif case in ("corrupt_weights", "truncated_weights"):
+        f = model / "model.safetensors"
+        blob = f.read_bytes()
+        f.write_bytes(blob[: len(blob) // 2] if case == "truncated_weights" else b"\x07garbage" * 10)
+    elif case == "no_tokenizer":
+        for f in os.listdir(model):
+            if f.startswith("tokenizer") or f == "special_tokens_map.json":
+                os.remove(model / f)
+    elif case == "empty_data":
+        data = tmp_path / "empty.txt"
+        data.write_text("  \n")
+    elif case == "binary_data":
+        data = tmp_path / "blob.txt"
+        data.write_bytes(bytes(range(256)) * 40)
+    elif case == "seq_len_over_context":
+        extra = ["--seq-len", 300]    # tiny models have 256 positions
+    elif case == "out_not_writable":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "out"   # parent is a file (root ignores permission bits)
+    elif case == "nan_loss":
+        extra = ["--lr", 1e12, "--save-every", 1, "--steps", 20]
+    elif case == "bad_config_file":
+        (tmp_path / "c.yaml").write_text("ratio: [unclosed")
+        extra = ["--config", tmp_path / "c.yaml"]
     elif case == "uniform_skip":
         extra = ["--uniform", "--skip-layers", "0"]
     r = cli(*tiny_args(model, data, out, *extra))
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     # progress lines ("[  1.2s] loading model") may precede it; the error itself is one line
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip() and not l.startswith(("[", "prune:"))]
     assert len(lines) == 1 and lines[0].startswith("loraprune: error: "), r.stderr
     assert "Traceback" not in r.stderr
     if case == "out_not_empty":
         assert os.listdir(out) == ["keep.txt"]
     else:
         assert not out.exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
+    if case == "nan_loss":  # stopped, said so, and kept the last good checkpoint for --resume
+        assert ("loss became" in r.stderr or "not finite" in r.stderr) and "last good checkpoint" in r.stderr
+        assert os.listdir(tmp_path / ".out.partial" / "checkpoints")
+    else:
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
 
 
 def test_real_embedded_model_short_run(tmp_path):

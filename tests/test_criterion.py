@@ -114,3 +114,17 @@ def test_frozen_base_weights_never_get_grad():
         if "lora_" not in n:
             assert p.grad is None and not p.requires_grad, n
     assert masks.kept_counts(0)["ffn"] == 48
+
+
+def test_gradient_checkpointing_gives_the_same_scores():
+    scores = []
+    for ckpt in (False, True):
+        model = lora_model()
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        backward(model)
+        scores.append(LoraCriterion().layer_scores(model, model_spec(model.config).layers[1]))
+    for k in scores[0]:
+        assert torch.allclose(scores[0][k], scores[1][k], rtol=1e-5, atol=0), k

@@ -108,7 +108,7 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     path = resolve_model_path(name)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError, TypeError) as err:
         if Path(path).is_dir():
             raise UserError(f"no tokenizer in {path}: save the tokenizer next to the model "
                             "(tokenizer.save_pretrained(dir))") from None
@@ -135,7 +135,12 @@ def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = 
         if Path(path).is_dir():
             raise UserError(f"cannot read the model in {path}: {str(err).splitlines()[0]}") from None
         raise _hub_error(path, err) from None
-    except ValueError as err:
+    except Exception as err:  # safetensors' SafetensorError, transformers' ValueError, ...
+        if type(err).__name__ == "SafetensorError" or "safetensors" in str(err).lower():
+            raise UserError(f"the weights in {path} are corrupt or truncated ({str(err).splitlines()[0]}); "
+                            "re-save or re-download the model") from None
+        if not isinstance(err, ValueError):
+            raise
         msg = str(err).splitlines()[0]
         if "trust_remote_code" in msg:
             raise UserError(f"{path} needs custom code to load; rerun with --trust-remote-code "

@@ -24,8 +24,12 @@ def check_out_dir(out: str, overwrite: bool) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"--out {out}: {probe} is not writable")
+    try:  # a real probe: os.access says yes to root even on read-only mounts
+        if not probe.is_dir():
+            raise OSError(f"{probe} is not a directory")
+        tempfile.TemporaryDirectory(dir=probe).cleanup()
+    except OSError as err:
+        raise UserError(f"--out {out} is not writable ({err})") from None
     return p
 
 

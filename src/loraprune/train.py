@@ -302,13 +302,12 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             d.average(grads + [loss_t])  # no-op in one process
             loss = float(loss_t)
             if not math.isfinite(loss):
-                last = ckpt_mod.list_checkpoints(ckpt_root)
-                where = (f"the last good checkpoint ({last[-1].name}) is kept in {part}; fix the cause and "
-                         f"--resume {out}" if last else "no checkpoint was written yet")
-                raise TrainingDiverged(f"loss became {loss} at step {step}: stopped; {where} "
-                                       "(try a lower --lr or --dtype fp32)")
+                raise _diverged(f"loss became {loss}", step, ckpt_root, part, out)
             if cfg.schedule == "iterative" and do_prune and pruner.needs_scores(step):
-                pruner.observe(model, reduce=d.average)
+                try:
+                    pruner.observe(model, reduce=d.average)
+                except NonFiniteScores as err:
+                    raise _diverged(str(err), step, ckpt_root, part, out) from None
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optim.step()
             sched.step()
@@ -354,6 +353,14 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
                                 world=d.world)
     d.barrier()
     return report if report is not None else {"out": str(out), "rank": d.rank}
+
+
+def _diverged(what: str, step: int, ckpt_root: Path, part: Path, out: Path) -> TrainingDiverged:
+    """Never skip a NaN: stop, and say which checkpoint survives."""
+    last = ckpt_mod.list_checkpoints(ckpt_root)
+    where = (f"the last good checkpoint ({last[-1].name}) is kept in {part}; fix the cause and --resume {out}"
+             if last else "no checkpoint was written yet")
+    return TrainingDiverged(f"{what} at step {step}: stopped; {where} (try a lower --lr or --dtype fp32)")
 
 
 def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *, params_dense, losses,
