@@ -142,7 +142,7 @@ def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = 
         if not isinstance(err, ValueError):
             raise
         msg = str(err).splitlines()[0]
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in str(err) or "custom code" in msg:
             raise UserError(f"{path} needs custom code to load; rerun with --trust-remote-code "
                             "if you trust it") from None
         raise UserError(f"cannot load model {path}: {msg}") from None

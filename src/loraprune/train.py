@@ -190,8 +190,8 @@ def prune(cfg: PruneConfig, hooks: Hooks | None = None, resume: str | None = Non
     preflight(cfg)
 
     hooks.phase("loading model")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = load_model(cfg.model, "fp32", cfg.trust_remote_code, d.device)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     spec = model_spec(model.config)
     prunable = [i for i in range(spec.num_layers) if i not in parse_layers(cfg.skip_layers, spec.num_layers)]
     check_prunable(cfg, spec, prunable)
@@ -241,7 +241,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    masks = MaskSet(spec, prunable)
+    masks = MaskSet(spec, prunable, uniform_heads=cfg.uniform)
     masks.attach(model)
     criterion = build_criterion(cfg.criterion, cfg.importance, masks=masks, seed=cfg.seed)
     if hasattr(criterion, "setup"):
