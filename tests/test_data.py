@@ -59,3 +59,13 @@ def test_sequences_and_stream_are_deterministic_and_resumable():
     c = data.SequenceStream(seqs, 3, seed=7)
     c.load_state_dict(state)
     assert torch.equal(a.next_batch(), c.next_batch())
+
+
+def test_tokenize_documents_joins_with_separator(tiny_tokenizer):
+    docs = ["The state of the union.", "We met to consider."]
+    ids = data.tokenize_documents(tiny_tokenizer, docs)
+    sep = tiny_tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    a = tiny_tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+    b = tiny_tokenizer(docs[1], add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == a + sep + b
+    assert tiny_tokenizer.decode(ids) == docs[0] + "\n\n" + docs[1]

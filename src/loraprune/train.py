@@ -126,7 +126,7 @@ def preflight(cfg: PruneConfig) -> None:
 
 def load_training_ids(cfg: PruneConfig, tokenizer) -> torch.Tensor:
     docs = data_mod.load_documents(cfg.data, "train", cfg.text_field)
-    return data_mod.tokenize_text(tokenizer, data_mod.join_documents(docs))
+    return data_mod.tokenize_documents(tokenizer, docs)
 
 
 def load_eval_ids(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict]:
