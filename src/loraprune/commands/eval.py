@@ -35,6 +35,9 @@ def register(sub) -> None:
                         "openbookqa, or all")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="zero-shot: only the first N documents of each task (default: all)")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="zero-shot: a random N documents of each task, drawn with --seed (the same docs for "
+                        "every model); excludes --limit")
     p.add_argument("--json", metavar="OUT", help="also write the results here (docs/results-format.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weights dtype for evaluation (default: fp32)")
@@ -55,8 +58,11 @@ def _validate(args) -> None:
         raise UserError(f"--ctx must be at least 2 tokens, got {args.ctx}")
     if args.max_windows is not None and args.max_windows < 1:
         raise UserError(f"--max-windows must be >= 1, got {args.max_windows}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    for flag, v in (("--limit", args.limit), ("--sample", args.sample)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be >= 1, got {v}")
+    if args.limit is not None and args.sample is not None:
+        raise UserError("--limit and --sample exclude each other")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
 
@@ -138,10 +144,13 @@ def run(args) -> int:
         doc["results"].append(rec)
     if tasks:
         print(f"[{time.time() - t0:6.1f}s] zero-shot (lm_eval): {', '.join(tasks)}"
-              + (f", first {args.limit} docs each" if args.limit else ""), file=sys.stderr, flush=True)
+              + (f", first {args.limit} docs each" if args.limit else "")
+              + (f", random {args.sample} docs each (seed {args.seed})" if args.sample else ""),
+              file=sys.stderr, flush=True)
         torch.manual_seed(args.seed)
-        recs, _ = zeroshot.evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit,
-                                             batch_size=args.batch_size, dtype=args.dtype, model_label=label)
+        recs, _ = zeroshot.evaluate_zeroshot(model, tokenizer, tasks, limit=args.limit, sample=args.sample,
+                                             sample_seed=args.seed, batch_size=args.batch_size,
+                                             dtype=args.dtype, model_label=label)
         doc["results"].extend(recs)
     doc["wall_s"] = round(time.time() - t0, 1)
     print(render_table(doc["results"]))
