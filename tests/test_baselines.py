@@ -7,8 +7,8 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_model
 from loraprune.arch import TARGET_MODULES, layer_modules, model_spec
-from loraprune.baselines import BASELINES, build, merged_weight, unit_sums_one
-from loraprune.criteria import build_criterion, lora_parts, unit_sums
+from loraprune.baselines import BASELINES, build, merged_weight
+from loraprune.criteria import build_criterion, lora_parts, module_unit_sums, unit_sums
 from loraprune.masks import MaskSet
 from loraprune.pruner import Pruner
 
@@ -50,7 +50,7 @@ def test_build_knows_every_baseline():
         build("nope")
 
 
-def test_unit_sums_one_matches_unit_sums():
+def test_module_unit_sums_add_up_to_unit_sums():
     model, spec, _, _ = setup_model("magnitude")
     s = spec.layers[0]
     elem = {n: torch.rand(m.base_layer.weight.shape, dtype=torch.float64).float()
@@ -58,7 +58,7 @@ def test_unit_sums_one_matches_unit_sums():
     want = unit_sums(s, elem)
     got = {k: torch.zeros_like(v) for k, v in want.items()}
     for n, e in elem.items():
-        for k, v in unit_sums_one(s, n, e).items():
+        for k, v in module_unit_sums(s, n, e).items():
             got[k] += v
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=1e-5), k

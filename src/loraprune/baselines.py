@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .arch import LayerSpec, layer_modules
-from .criteria import lora_parts, unit_sums
+from .criteria import add_scores, lora_parts, module_unit_sums
 
 
 def _is_lora(mod) -> bool:
@@ -41,7 +41,7 @@ def merged_weight(mod) -> torch.Tensor:
     if not _is_lora(mod):
         return mod.weight.detach().float()
     W, A, B, s = lora_parts(mod)
-    return torch.addmm(W.float(), B.float(), A.float(), alpha=s)
+    return torch.mm(B.float() * s, A.float()).add_(W)
 
 
 class MaskTaylorCriterion:
@@ -122,7 +122,7 @@ class TaylorCriterion:
             with torch.no_grad():
                 elem = (merged_weight(mod) * w.grad.float()).abs_()
             w.grad = None
-            out = _add(out, unit_sums_one(spec, name, elem))
+            out = add_scores(out, module_unit_sums(spec, name, elem))
         return out
 
 
@@ -137,7 +137,7 @@ class MagnitudeCriterion:
     def layer_scores(self, model, spec: LayerSpec) -> dict[str, torch.Tensor]:
         out = None
         for name, mod in layer_modules(model, spec.index).items():
-            out = _add(out, unit_sums_one(spec, name, merged_weight(mod).pow_(2)))
+            out = add_scores(out, module_unit_sums(spec, name, merged_weight(mod).pow_(2)))
         return out
 
 
@@ -182,7 +182,7 @@ class ActivationCriterion:
                                    "and a forward pass before scoring")
             with torch.no_grad():
                 elem = merged_weight(mod).abs_().mul_(sq.sqrt().to(torch.float32)[None, :])
-            out = _add(out, unit_sums_one(spec, name, elem))
+            out = add_scores(out, module_unit_sums(spec, name, elem))
         return out
 
 
@@ -201,33 +201,6 @@ class RandomCriterion:
         return {"heads": torch.rand(spec.num_heads, generator=g),
                 "kv": torch.zeros(spec.num_kv_heads),
                 "ffn": torch.rand(spec.intermediate_size, generator=g)}
-
-
-def unit_sums_one(spec: LayerSpec, name: str, elem: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`criteria.unit_sums` for one projection at a time (only one [out, in] score tensor alive)."""
-    H, KV, d, inter = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size
-    out = {"heads": torch.zeros(H), "kv": torch.zeros(KV), "ffn": torch.zeros(inter)}
-    if name == "q_proj":
-        out["heads"] += elem.reshape(H, d, -1).sum((1, 2))
-    elif name == "o_proj":
-        out["heads"] += elem.reshape(-1, H, d).sum((0, 2))
-    elif name in ("k_proj", "v_proj"):
-        out["kv"] += elem.reshape(KV, d, -1).sum((1, 2))
-    elif name in ("gate_proj", "up_proj"):
-        out["ffn"] += elem.sum(1)
-    elif name == "down_proj":
-        out["ffn"] += elem.sum(0)
-    else:
-        raise KeyError(name)
-    return out
-
-
-def _add(acc, new):
-    if acc is None:
-        return new
-    for k, v in new.items():
-        acc[k] += v
-    return acc
 
 
 BASELINES = ("mask-taylor", "taylor", "magnitude", "activation", "random")

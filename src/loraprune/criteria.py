@@ -20,17 +20,41 @@ import torch
 from .arch import LayerSpec, layer_modules
 
 
+def module_unit_sums(spec: LayerSpec, name: str, elem: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-unit sums of ONE projection's element scores [out, in] (zeros for units it does not touch),
+    so that a criterion can score a layer one module at a time and keep a single [out, in] alive."""
+    H, KV, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    z = dict(dtype=elem.dtype, device=elem.device)
+    out = {"heads": torch.zeros(H, **z), "kv": torch.zeros(KV, **z), "ffn": torch.zeros(spec.intermediate_size, **z)}
+    if name == "q_proj":
+        out["heads"] += elem.reshape(H, d, -1).sum((1, 2))                # q rows of head h
+    elif name == "o_proj":
+        out["heads"] += elem.reshape(-1, H, d).sum((0, 2))                # o columns of head h
+    elif name in ("k_proj", "v_proj"):
+        out["kv"] += elem.reshape(KV, d, -1).sum((1, 2))
+    elif name in ("gate_proj", "up_proj"):
+        out["ffn"] += elem.sum(1)
+    elif name == "down_proj":
+        out["ffn"] += elem.sum(0)
+    else:
+        raise KeyError(f"not a prunable projection: {name}")
+    return out
+
+
+def add_scores(acc: dict | None, new: dict) -> dict:
+    if acc is None:
+        return new
+    for k, v in new.items():
+        acc[k] += v
+    return acc
+
+
 def unit_sums(spec: LayerSpec, elem: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sum element scores [out, in] of the seven projections into per-unit scores."""
-    H, KV, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    out = {}
-    heads = elem["q_proj"].reshape(H, d, -1).sum((1, 2))                  # q rows of head h
-    heads = heads + elem["o_proj"].reshape(-1, H, d).sum((0, 2))          # o columns of head h
-    out["heads"] = heads
-    out["kv"] = (elem["k_proj"].reshape(KV, d, -1).sum((1, 2))
-                 + elem["v_proj"].reshape(KV, d, -1).sum((1, 2)))
-    out["ffn"] = elem["gate_proj"].sum(1) + elem["up_proj"].sum(1) + elem["down_proj"].sum(0)
-    return out
+    acc = None
+    for name, e in elem.items():
+        acc = add_scores(acc, module_unit_sums(spec, name, e))
+    return acc
 
 
 def lora_parts(mod):
@@ -44,16 +68,19 @@ def lora_element_importance(mod, mode: str = "squared") -> torch.Tensor:
     W, A, B, s = lora_parts(mod)
     if A.grad is None or B.grad is None:
         raise RuntimeError("LoRA weights have no gradient: call backward before scoring")
-    W, A, B = W.float(), A.float(), B.float()
+    A, B = A.float(), B.float()
     gA, gB = A.grad.float(), B.grad.float()
-    merged = W + s * (B @ A)
-    g_hat = s * (gB @ A + B @ gA - gB @ gA)
-    prod = merged * g_hat
+    # Two rank-r products and three in-place passes over [out, in] (s folded into the small factors):
+    #   W' = W + (s B) A;   G^ = s (G_B A + B G_A - G_B G_A) = [s G_B, s (B - G_B)] @ [A; G_A]
+    merged = torch.mm(B * s, A).add_(W)
+    g_hat = torch.mm(torch.cat([gB, B - gB], 1).mul_(s), torch.cat([A, gA], 0))
+    prod = merged.mul_(g_hat)
+    del g_hat
     if mode == "squared":
-        return prod.pow(2)
+        return prod.pow_(2)
     if mode == "abs-norm":
-        prod = prod.abs()
-        return prod / prod.norm().clamp_min(1e-30)
+        prod = prod.abs_()
+        return prod.div_(prod.norm().clamp_min(1e-30))
     raise ValueError(f"unknown importance mode {mode!r}")
 
 
@@ -65,9 +92,10 @@ class LoraCriterion:
         self.importance = importance
 
     def layer_scores(self, model, spec: LayerSpec) -> dict[str, torch.Tensor]:
-        mods = layer_modules(model, spec.index)
-        elem = {n: lora_element_importance(m, self.importance) for n, m in mods.items()}
-        return unit_sums(spec, elem)
+        acc = None  # one module at a time: a single [out, in] score tensor alive
+        for name, mod in layer_modules(model, spec.index).items():
+            acc = add_scores(acc, module_unit_sums(spec, name, lora_element_importance(mod, self.importance)))
+        return acc
 
 
 def build_criterion(name: str, importance: str = "squared", masks=None, seed: int = 0):

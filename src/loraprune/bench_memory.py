@@ -1,0 +1,290 @@
+"""`loraprune bench-memory`: peak memory of ONE importance-estimation step per criterion.
+
+A case = (mode, dtype, gradient checkpointing). Modes:
+  inference    forward only under no_grad on the plain model (no LoRA): the floor
+  lora         LoRA attached; forward + backward (only LoRA weights require grad) + LoRA-guided scores
+  mask-taylor  LoRA attached; forward + backward (LoRA weights and mask gates) + gate-gradient scores
+  taylor       LoRA attached; forward + backward with requires_grad on the frozen weights of every
+               pruned layer's seven projections + |W' * dL/dW| scores (LLM-Pruner's vanilla criterion)
+Each case runs in its own fresh subprocess (peak RSS = getrusage ru_maxrss of that process, so cases
+never mix), on a model built in-process with random weights: memory does not depend on the values.
+The model is created on the meta device and materialised with `to_empty` in the target dtype, then
+filled uniformly (no fp32 copy of a bf16 model ever exists, no slow init). bf16 means bf16 weights and
+bf16 compute (LoRA weights stay fp32 as peft keeps them; the lora criterion upcasts one module at a time).
+
+Besides RSS, each case reports torch-side accounting (CPU torch keeps no allocator statistics; on CUDA
+the allocator's peak is reported too): bytes of parameters, of gradients present after backward,
+of tensors saved for backward outside recomputed regions (saved_tensors_hooks, unique storages,
+parameters excluded), and of the logits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+MODES = ("inference", "lora", "mask-taylor", "taylor")
+SHAPES = {
+    # TinyLlama-1.1B's shape (LLaMA, GQA 32 query / 4 KV heads)
+    "tinyllama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                           intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048,
+                           tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=96, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    mode: str
+    dtype: str = "fp32"
+    checkpointing: bool = False
+    shape: str = "tinyllama-1.1b"
+    batch: int = 1
+    seq: int = 512
+    lora_r: int = 8
+    threads: int = 0
+    seed: int = 0
+
+
+def rss_mb() -> float:
+    """Current resident set size (MB), from /proc (Linux); falls back to the peak."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_mb()
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build_model(shape: str, dtype: str):
+    """A LLaMA of the given shape with random weights, built without an fp32 detour or slow init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(**SHAPES[shape], head_dim=SHAPES[shape]["hidden_size"] // SHAPES[shape]["num_attention_heads"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to(DTYPES[dtype]).to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)            # RMSNorm weights
+            else:
+                p.uniform_(-0.035, 0.035)  # ~ std 0.02
+        model.model.rotary_emb = LlamaRotaryEmbedding(cfg)  # its buffers were on meta
+    model.tie_weights()
+    return model.eval()
+
+
+def measure(case: Case) -> dict:
+    """Run one case in this process and return its numbers (call it in a fresh process)."""
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    torch.manual_seed(case.seed)
+    out = {"case": asdict(case), "rss_start_mb": rss_mb()}
+    t0 = time.perf_counter()
+    model = build_model(case.shape, case.dtype)
+    out["build_s"] = time.perf_counter() - t0
+    out["rss_weights_mb"] = rss_mb()
+    ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq))
+    criterion = spec = masks = None
+    if case.mode != "inference":
+        from peft import LoraConfig, get_peft_model
+
+        from .arch import TARGET_MODULES, model_spec, parse_layers
+        from .criteria import build_criterion
+        from .masks import MaskSet
+
+        model = get_peft_model(model, LoraConfig(r=case.lora_r, lora_alpha=2 * case.lora_r, lora_dropout=0.0,
+                                                 target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM"))
+        if case.checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        spec = model_spec(model.config)
+        skip = parse_layers("auto", spec.num_layers)  # what `prune` does by default
+        masks = MaskSet(spec, [i for i in range(spec.num_layers) if i not in skip])
+        masks.attach(model)
+        criterion = build_criterion(case.mode, masks=masks, seed=case.seed)
+        if hasattr(criterion, "setup"):
+            criterion.setup(model, spec, masks)
+        out["prunable_layers"] = len(masks.prunable)
+    params = list(model.parameters())
+    out["param_bytes"] = sum(p.numel() * p.element_size() for p in params)
+    out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    out["rss_before_step_mb"] = rss_mb()
+    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in param_ptrs:
+                saved[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    cuda = torch.cuda.is_available()
+    t1 = time.perf_counter()
+    if case.mode == "inference":
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        out["logits_bytes"] = logits.numel() * logits.element_size()
+        del logits
+        out["peak_after_forward_mb"] = peak_mb()
+    else:
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            res = model(input_ids=ids, labels=ids)
+        out["logits_bytes"] = res.logits.numel() * res.logits.element_size()
+        out["saved_for_backward_bytes"] = sum(saved.values())
+        out["peak_after_forward_mb"] = peak_mb()
+        loss = res.loss
+        del res
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
+        out["grad_bytes"] = sum(g.numel() * g.element_size() for g in grads)
+        out["base_grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for n, p in model.named_parameters()
+                                     if p.grad is not None and "lora_" not in n)
+        del grads
+        out["peak_after_backward_mb"] = peak_mb()
+        t2 = time.perf_counter()
+        for i in masks.prunable:
+            scores = criterion.layer_scores(model, spec.layers[i])
+            assert all(torch.isfinite(v).all() for v in scores.values())
+        out["score_s"] = time.perf_counter() - t2
+        out["loss"] = float(loss)
+    out["step_s"] = time.perf_counter() - t1
+    out["peak_rss_mb"] = peak_mb()
+    if cuda:
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ---- driver: one subprocess per case, repeated -------------------------------------------------
+
+def run_case(case: Case, timeout: float | None = None) -> dict:
+    cmd = [sys.executable, "-m", "loraprune.bench_memory", json.dumps(asdict(case))]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"case": asdict(case), "error": f"exit {p.returncode}: {tail}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def plan(modes, dtypes, checkpointing, shape, batch, seq, threads) -> list[Case]:
+    cases = []
+    for dt in dtypes:
+        for mode in modes:
+            for ck in ([False] if mode == "inference" else checkpointing):
+                cases.append(Case(mode, dt, ck, shape, batch, seq, threads=threads))
+    return cases
+
+
+def run_all(cases: list[Case], repeats: int, on_result=None) -> list[dict]:
+    """Cases interleaved across repeats (case1..caseN, then again), so drifting background load
+    affects every case alike."""
+    results = []
+    for rep in range(repeats):
+        for case in cases:
+            r = run_case(case)
+            r["repeat"] = rep
+            results.append(r)
+            if on_result:
+                on_result(r)
+    return results
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per case: mean / min / max peak RSS over repeats, ratios to taylor and inference."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        c = r["case"]
+        groups.setdefault((c["dtype"], c["checkpointing"], c["mode"]), []).append(r)
+    rows = []
+    for (dt, ck, mode), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        peaks = [r["peak_rss_mb"] for r in ok]
+        row = {"dtype": dt, "checkpointing": ck, "mode": mode, "repeats": len(ok),
+               "errors": [r["error"] for r in rs if "error" in r]}
+        if ok:
+            row.update(peak_rss_mb=statistics.mean(peaks), peak_min_mb=min(peaks), peak_max_mb=max(peaks),
+                       rss_weights_mb=statistics.mean(r["rss_weights_mb"] for r in ok),
+                       rss_start_mb=statistics.mean(r["rss_start_mb"] for r in ok),
+                       step_s=statistics.mean(r["step_s"] for r in ok))
+            for k in ("param_bytes", "grad_bytes", "base_grad_bytes", "saved_for_backward_bytes", "logits_bytes",
+                      "peak_after_forward_mb", "peak_after_backward_mb", "score_s", "cuda_max_allocated_mb"):
+                vals = [r[k] for r in ok if k in r]
+                if vals:
+                    row[k] = statistics.mean(vals)
+        rows.append(row)
+    by = {(r["dtype"], r["checkpointing"], r["mode"]): r for r in rows}
+    for r in rows:
+        t = by.get((r["dtype"], r["checkpointing"], "taylor"))
+        inf = by.get((r["dtype"], False, "inference"))
+        # raw peaks, and peaks above the process's start (Python + torch imports: what a GPU number omits)
+        for key, ref in (("vs_taylor", t), ("vs_inference", inf)):
+            if "peak_rss_mb" in r and ref and "peak_rss_mb" in ref:
+                r[key] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+                r[key + "_above_start"] = ((r["peak_rss_mb"] - r["rss_start_mb"])
+                                           / (ref["peak_rss_mb"] - ref["rss_start_mb"]))
+    return rows
+
+
+def render_markdown(rows: list[dict], meta: dict) -> str:
+    c = meta
+    lines = [f"# Memory of one importance-estimation step: {c['shape']}, batch {c['batch']} x seq {c['seq']}",
+             "",
+             f"Peak RSS of a fresh process per case (mean of {c['repeats']} runs; min-max in brackets), "
+             f"{c['threads']} torch threads, LoRA r={c.get('lora_r', 8)} on q,k,v,o,gate,up,down, "
+             f"{c.get('prunable', '?')} of {c.get('layers', '?')} layers pruned/scored (prune's default skip). "
+             "Ratios divide peak RSS; in brackets: peak RSS minus the process's RSS before the model existed "
+             "(Python + torch imports, ~0.4 GB), closer to what a GPU allocator reports.", "",
+             "| dtype | grad ckpt | mode | peak RSS (GB) | weights RSS (GB) | vs taylor | vs inference | "
+             "grads (GB) | saved for bwd (GB) | step (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODES)}
+    for r in sorted(rows, key=lambda r: (r["dtype"], r["checkpointing"], order.get(r["mode"], 9))):
+        if "peak_rss_mb" not in r:
+            lines.append(f"| {r['dtype']} | {'on' if r['checkpointing'] else 'off'} | {r['mode']} | "
+                         f"FAILED: {'; '.join(r['errors'])[:80]} | | | | | | |")
+            continue
+        gb = lambda x: "" if x is None else f"{x / 1024:.2f}"  # noqa: E731  (MB -> GB)
+        gbb = lambda x: "" if x is None else f"{x / 2**30:.2f}"  # noqa: E731  (bytes -> GB)
+        lines.append(
+            f"| {r['dtype']} | {'-' if r['mode'] == 'inference' else ('on' if r['checkpointing'] else 'off')} "
+            f"| {r['mode']} | {gb(r['peak_rss_mb'])} [{gb(r['peak_min_mb'])}-{gb(r['peak_max_mb'])}] "
+            f"| {gb(r['rss_weights_mb'])} | {_x(r, 'vs_taylor')} | {_x(r, 'vs_inference')} "
+            f"| {gbb(r.get('grad_bytes'))} | {gbb(r.get('saved_for_backward_bytes'))} | {r['step_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _x(r, key):
+    v, w = r.get(key), r.get(key + "_above_start")
+    return "" if v is None else f"{v:.2f}x ({w:.2f}x)"
+
+
+def _child() -> None:
+    case = Case(**json.loads(sys.argv[1]))
+    print(json.dumps(measure(case)), flush=True)
+
+
+if __name__ == "__main__":
+    _child()

@@ -1,0 +1,132 @@
+"""`loraprune bench` end to end on a tiny model (2 criteria x 1 ratio x 2 steps), its table and plot,
+resuming, bad input; and oneshot scoring working for every criterion."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "loraprune", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def bench_args(model, text, out, *extra):
+    return ["bench", "--model", model, "--data", text, "--eval", text, "--eval-ctx", 32, "--eval-windows", 2,
+            "--seq-len", 32, "--batch-size", 2, "--steps", 2, "--prune-every", 1, "--threads", 1,
+            "--skip-layers", "none", "--save-every", 0, "--out", out, *extra]
+
+
+def test_bench_two_criteria_writes_table_and_plot(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "bench"
+    r = cli(*bench_args(tiny_model_dir(), text_file, out, "--ratios", "0.5", "--criteria", "lora,mask-taylor",
+                        "--schedules", "iterative"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == "loraprune.results/1" and doc["bench_schema"] == "loraprune.bench/1" and doc["complete"]
+    # the shared results format: one perplexity record per model, labelled by row id
+    recs = doc["results"]
+    assert [x["model"] for x in recs] == ["dense", "plain-lora-r0", "lora-iterative-r0.5",
+                                          "mask-taylor-iterative-r0.5"]
+    assert all(x["kind"] == "perplexity" and x["windows"] == 2 and x["max_windows"] == 2 for x in recs)
+    assert set(doc["models"]) == {x["model"] for x in recs}
+    assert [x["id"] for x in doc["rows"]] == ["plain-lora-r0", "lora-iterative-r0.5", "mask-taylor-iterative-r0.5"]
+    assert all(x["status"] == "ok" for x in doc["rows"])
+    name = str(text_file)
+    assert list(doc["dense"]["eval"]) == [name]
+    dense = doc["dense"]["eval"][name]
+    assert dense["windows"] == 2 and dense["ctx"] == 32 and dense["ppl"] > 1
+    plain, lora, mt = doc["rows"]
+    assert plain["params_kept_frac"] == 1.0 and plain["step_time_rel"] == pytest.approx(1.0)
+    for row in (lora, mt):
+        assert row["steps"] == 2 and row["ratio"] == 0.5
+        assert 0.3 < row["params_kept_frac"] < 1.0
+        assert row["eval"][name]["ppl"] > 1 and row["peak_rss_mb"] > 0 and row["step_time_rel"] > 0
+        run = out / row["run_dir"]
+        assert (run / "report.json").is_file() and (run / "masks.json").is_file()
+        assert not (run / "adapter").exists()  # deleted after evaluation
+        cfg = json.loads((run / "report.json").read_text())["config"]
+        assert (cfg["steps"], cfg["seq_len"], cfg["batch_size"], cfg["seed"], cfg["export"]) == (2, 32, 2, 0, False)
+    md = (out / "results.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert table[0].startswith("| criterion | schedule | ratio | params kept |")
+    assert "peak RSS (MB)" in table[0] and "step time vs plain LoRA" in table[0]
+    assert len(table) == 2 + 1 + 3  # header, rule, dense, 3 rows
+    assert all(ln.count("|") == table[0].count("|") for ln in table)
+    assert any(ln.startswith("| mask-taylor | iterative | 0.5 |") for ln in table)
+    png = (out / "ppl_vs_ratio.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "mask-taylor" in r.stdout  # the table is printed too
+
+    # --resume reuses every finished row (no new prune run: the logs stay as they are)
+    log = out / "logs" / "lora-iterative-r0.5.log"
+    mtime = log.stat().st_mtime_ns
+    r2 = cli(*bench_args(tiny_model_dir(), text_file, out, "--ratios", "0.5", "--criteria", "lora,mask-taylor",
+                         "--schedules", "iterative", "--resume"))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert log.stat().st_mtime_ns == mtime
+    doc2 = json.loads((out / "results.json").read_text())
+    assert [x["eval"] for x in doc2["rows"]] == [x["eval"] for x in doc["rows"]]
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--ratios", "0.5,1.2"], "--ratios"),
+    (["--criteria", "lora,nope"], "--criteria"),
+    (["--schedules", "sometimes"], "--schedules"),
+    (["--lr", "-1"], "--lr"),
+])
+def test_bench_bad_input_exit_2_before_any_run(extra, msg, tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "b"
+    r = cli(*bench_args(tiny_model_dir(), text_file, out, *extra))
+    assert r.returncode == 2, r.stderr
+    assert msg in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "runs").exists()
+
+
+def test_bench_refuses_non_empty_out(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "x").write_text("keep me")
+    r = cli(*bench_args(tiny_model_dir(), text_file, out))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    assert (out / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("criterion", ["lora", "mask-taylor", "taylor", "magnitude", "activation", "random"])
+def test_oneshot_works_for_every_criterion(criterion, tiny_model_dir, text_file, tmp_path):
+    import torch
+
+    from loraprune.config import PruneConfig
+    from loraprune.train import prune
+
+    torch.set_num_threads(1)
+    cfg = PruneConfig(model=str(tiny_model_dir()), data=str(text_file), eval_windows=0, seq_len=32, batch_size=2,
+                      steps=2, calib_batches=2, ratio=0.5, criterion=criterion, schedule="oneshot",
+                      skip_layers="none", export=False, save_every=0, out=str(tmp_path / criterion))
+    rep = prune(cfg)
+    assert all(l["ffn"] == 48 and l["heads"] == 4 for l in rep["layers"])
+    assert rep["mask_history"][0]["step"] == 0  # pruned once, before fine-tuning
+    assert len(rep["losses"]) == 2
+
+
+def test_bench_memory_tiny_shape_every_mode(tmp_path):
+    out = tmp_path / "mem"
+    r = cli("bench-memory", "--shape", "tiny", "--seq", 32, "--repeats", 1, "--threads", 1, "--dtypes", "fp32",
+            "--checkpointing", "both", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "memory.json").read_text())
+    rows = {(x["mode"], x["checkpointing"]): x for x in doc["summary"]}
+    assert set(rows) == {("inference", False), ("lora", False), ("lora", True), ("mask-taylor", False),
+                         ("mask-taylor", True), ("taylor", False), ("taylor", True)}
+    for x in doc["summary"]:
+        assert x["peak_rss_mb"] > 0 and x["repeats"] == 1 and not x["errors"]
+    assert rows[("taylor", False)]["vs_taylor"] == pytest.approx(1.0)
+    # only taylor holds gradients of frozen weights
+    runs = {(x["case"]["mode"], x["case"]["checkpointing"]): x for x in doc["runs"]}
+    assert runs[("taylor", False)]["base_grad_bytes"] > 0
+    assert runs[("lora", False)]["base_grad_bytes"] == 0 and runs[("mask-taylor", True)]["base_grad_bytes"] == 0
+    assert "| fp32 | off | lora |" in (out / "memory.md").read_text()
