@@ -44,6 +44,8 @@ class ModelSpec:
     model_type: str
     hidden_size: int
     layers: tuple[LayerSpec, ...]
+    qkv_bias: bool = False  # q/k/v have biases (Qwen2; LLaMA attention_bias): their entries go with the rows
+    mlp_bias: bool = False  # gate/up/down have biases (LLaMA mlp_bias)
 
     @property
     def num_layers(self) -> int:
@@ -76,7 +78,10 @@ def model_spec(config) -> ModelSpec:
         if heads[i] % kv[i]:
             raise UserError(f"layer {i}: {heads[i]} query heads do not divide into {kv[i]} KV heads")
         layers.append(LayerSpec(i, heads[i], kv[i], int(head_dim), ffn[i]))
-    return ModelSpec(mtype, int(config.hidden_size), tuple(layers))
+    family = getattr(config, "source_model_type", None) if mtype == "loraprune_llama" else mtype
+    qkv_bias = family == "qwen2" or bool(getattr(config, "attention_bias", False))
+    return ModelSpec(mtype, int(config.hidden_size), tuple(layers), qkv_bias=qkv_bias,
+                     mlp_bias=bool(getattr(config, "mlp_bias", False)))
 
 
 def unwrap(model):

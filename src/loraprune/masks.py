@@ -61,8 +61,11 @@ class LayerMask:
 
 
 class MaskSet:
-    def __init__(self, spec: ModelSpec, prunable: list[int] | None = None):
+    def __init__(self, spec: ModelSpec, prunable: list[int] | None = None, uniform_heads: bool = False):
         self.spec = spec
+        # --uniform: every layer must end with the same (KV heads, heads per KV head); when several
+        # shapes keep the target count (e.g. 6 of 9 = 2x3 or 3x2), all layers take the first one.
+        self.uniform_heads = uniform_heads
         self.prunable = list(range(spec.num_layers)) if prunable is None else sorted(prunable)
         self.layers = [LayerMask(torch.ones(s.num_heads, dtype=torch.bool),
                                  torch.ones(s.num_kv_heads, dtype=torch.bool),
@@ -78,13 +81,19 @@ class MaskSet:
         return {"heads": int(m.heads.sum()), "kv_heads": int(m.kv.sum()), "ffn": int(m.ffn.sum())}
 
     def params_removed(self) -> int:
-        """Weights (and q/k/v biases are ignored here: see export for the exact count) removed by slicing."""
+        """Parameters removed by slicing: weights, plus the bias entries of removed q/k/v and gate/up
+        rows when the model has those biases (o/down biases are on the output side and stay)."""
         total = 0
         for s, m in zip(self.spec.layers, self.layers):
             d, hid = s.head_dim, self.spec.hidden_size
-            total += int((~m.heads).sum()) * d * hid * 2          # q rows + o columns
-            total += int((~m.kv).sum()) * d * hid * 2             # k rows + v rows
-            total += int((~m.ffn).sum()) * hid * 3                # gate, up rows + down column
+            heads, kv, ffn = int((~m.heads).sum()), int((~m.kv).sum()), int((~m.ffn).sum())
+            total += heads * d * hid * 2          # q rows + o columns
+            total += kv * d * hid * 2             # k rows + v rows
+            total += ffn * hid * 3                # gate, up rows + down column
+            if self.spec.qkv_bias:
+                total += (heads + 2 * kv) * d     # q, k, v bias entries
+            if self.spec.mlp_bias:
+                total += ffn * 2                  # gate, up bias entries
         return total
 
     # ---- updating -------------------------------------------------------------------------
@@ -118,6 +127,8 @@ class MaskSet:
                       scores: dict) -> None:
         a0, b0 = m.head_shape(spec)
         finals = final_head_shapes(spec, final_ratio)
+        if self.uniform_heads:
+            finals = finals[:1]
         target = spec.num_heads - n_removed(ratio, spec.num_heads)
         cands = [(a, b) for a, b in head_shapes(spec) if a <= a0 and b <= b0
                  and any(a >= af and b >= bf for af, bf in finals)]
