@@ -432,3 +432,30 @@ def test_smollm2_export_on_real_text_ctx512(tmp_path):
     nll = torch.nn.functional.cross_entropy
     ref_loss = nll(ref[0, :-1], x[0, 1:])
     assert abs(nll(logits(load(tmp_path / "bf16"), x)[0, :-1], x[0, 1:]) - ref_loss) < 0.05 * ref_loss
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_prune_cli_writes_the_compact_model(uniform, tiny_model_dir, text_file, tmp_path):
+    from loraprune.cli import main
+
+    out = tmp_path / "run"
+    extra = ["--uniform"] if uniform else ["--skip-layers", "0"]
+    assert main(["prune", "--model", str(tiny_model_dir()), "--data", str(text_file), "--eval-windows", "0",
+                 "--seq-len", "32", "--batch-size", "2", "--steps", "6", "--prune-every", "1", "--threads", "1",
+                 "--ratio", "0.5", "--out", str(out), *extra]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["params_pruned"] == rep["params_pruned_predicted"] == rep["export"]["params"] < rep["params_dense"]
+    assert rep["export"]["kind"] == ("stock" if uniform else "heterogeneous")
+    exported = load(out)
+    assert type(exported).__name__ == ("LlamaForCausalLM" if uniform else "LoraPruneLlamaForCausalLM")
+    # the top-level model == the run's masked, unmerged LoRA model rebuilt from adapter/ and masks.json
+    from peft import PeftModel
+
+    from loraprune.models import load_model
+
+    cfg = json.loads((out / "loraprune_config.json").read_text())
+    model = PeftModel.from_pretrained(load_model(cfg["model"]), out / "adapter").eval()
+    masks = MaskSet.load(out / "masks.json", model_spec(model.config))
+    masks.attach(model)
+    x = ids(model.config.vocab_size)
+    assert torch.allclose(logits(exported, x), logits(model, x), atol=ATOL, rtol=0)
