@@ -46,12 +46,17 @@ class Row:
     criterion: str
     schedule: str
     ratio: float
+    pattern: str = "structured"   # or N:M / unstructured (docs/sparsity.md)
+    steps: int | None = None      # None: the bench budget; 0: one-shot without LoRA recovery
 
     @property
     def id(self) -> str:
-        if self.ratio == 0:
+        if self.ratio == 0 and self.pattern == "structured":
             return PLAIN_ID
-        return f"{self.criterion}-{self.schedule}-r{self.ratio:g}"
+        rid = f"{self.criterion}-{self.schedule}" + (f"-r{self.ratio:g}" if self.ratio else "")
+        if self.pattern != "structured":
+            rid += "-" + self.pattern.replace(":", "of")
+        return rid + ("-norec" if self.steps == 0 else "")
 
 
 @dataclass
@@ -72,19 +77,35 @@ class BenchOptions:
     resume: bool = False
     keep_adapters: bool = False
     threads: int = 0
+    # element sparsity rows (sparse_bench.py): patterns, their criteria, one-shot rows without recovery,
+    # and the CPU speed of every exported model
+    patterns: list[str] = field(default_factory=lambda: ["structured"])
+    element_criteria: list[str] = field(default_factory=lambda: ["lora", "magnitude", "wanda"])
+    no_recovery: bool = False
+    speed: bool = False
 
     def rows(self) -> list[Row]:
+        from .sparse_bench import element_rows
+
         rows = [Row("lora", "iterative", 0.0)] if self.plain_row else []
-        for r in self.ratios:
-            for c in self.criteria:
-                for s in self.schedules:
-                    rows.append(Row(c, s, r))
+        for p in self.patterns:
+            if p != "structured":
+                rows += element_rows(self, p)
+                continue
+            for r in self.ratios:
+                for c in self.criteria:
+                    for s in self.schedules:
+                        rows.append(Row(c, s, r))
         return rows
 
     def row_config(self, row: Row, run_dir: Path) -> PruneConfig:
         """The PruneConfig of a row (validated here, before any run starts)."""
         vals = {**self.prune_flags, "model": self.model, "criterion": row.criterion, "schedule": row.schedule,
                 "ratio": row.ratio, "out": str(run_dir), "overwrite": True, "export": False, "eval_windows": 0}
+        if self.patterns != ["structured"] or self.speed:
+            from .sparse_bench import row_values
+
+            vals.update(row_values(self, row))
         if self.threads:
             vals["threads"] = self.threads
         return PruneConfig.from_dict(vals)
@@ -93,6 +114,9 @@ class BenchOptions:
 def validate(opts: BenchOptions) -> None:
     if not opts.ratios or any(not 0 < r < 1 for r in opts.ratios):
         raise UserError(f"--ratios {opts.ratios}: give ratios in (0, 1), e.g. 0.2,0.5")
+    from .sparse_bench import validate_sparse
+
+    validate_sparse(opts)
     bad = [c for c in opts.criteria if c not in CRITERIA]
     if bad or not opts.criteria:
         raise UserError(f"--criteria: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(CRITERIA)}")
@@ -171,6 +195,10 @@ def load_row_model(opts: BenchOptions, run_dir: Path):
     trust = bool(opts.prune_flags.get("trust_remote_code", False))
     base = load_model(opts.model, "fp32", trust)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
+    if (run_dir / "element_masks.safetensors").is_file():  # N:M / unstructured row: zero the pruned weights
+        from .sparsity import ElementMasks
+
+        ElementMasks.load(run_dir / "element_masks.safetensors").apply_to_model(model)
     masks = MaskSet.load(run_dir / "masks.json", model_spec(model.config))
     masks.attach(model)
     return model.eval()
@@ -253,7 +281,9 @@ def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=Non
         cfg = opts.row_config(row, run_dir)
         emit("row_start", k, len(rows), row)
         rec = {"id": row.id, "criterion": row.criterion, "schedule": row.schedule, "ratio": row.ratio,
-               "plain_lora": row.ratio == 0, "run_dir": str(run_dir.relative_to(out))}
+               "plain_lora": row.id == PLAIN_ID, "run_dir": str(run_dir.relative_to(out))}
+        if opts.patterns != ["structured"] or opts.speed:
+            rec.update(pattern=row.pattern, recovery_steps=cfg.steps)
         rep = _finished(run_dir, cfg) if opts.resume else None
         if rep is None:
             rc, last = run_prune(cfg, out / "logs" / f"{row.id}.log")
@@ -274,6 +304,8 @@ def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=Non
         if not opts.keep_adapters:
             shutil.rmtree(run_dir / "adapter", ignore_errors=True)
         rec.update(status="ok", **_row_numbers(rep), eval=ev)
+        if rep.get("sparsity"):
+            rec["nonzero_params"] = rep["sparsity"]["nonzero_params"]
         doc["models"][row.id] = {"name": row.id, "path": None, "model_type": rep["model_type"],
                                  "params": rep["params_pruned"], "num_layers": rep["num_layers"], "dtype": "fp32",
                                  "masked": True, "note": "base model + merged LoRA adapter + masks (not sliced)"}
@@ -283,8 +315,13 @@ def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=Non
 
     plain = next((r for r in doc["rows"] if r["plain_lora"] and r["status"] == "ok"), None)
     for r in doc["rows"]:
-        if r["status"] == "ok" and plain and plain["mean_step_s"]:
+        if r["status"] == "ok" and plain and plain["mean_step_s"] and r["mean_step_s"]:
             r["step_time_rel"] = r["mean_step_s"] / plain["mean_step_s"]
+    if opts.speed:
+        from .sparse_bench import measure_speed
+
+        emit("phase", "CPU speed of every exported model")
+        measure_speed(doc, out, opts)
     doc["complete"] = True
     doc["wall_s"] = round(time.time() - t0, 1)
     _write_results(out, doc)
@@ -303,7 +340,8 @@ def _row_numbers(rep: dict) -> dict:
 
 
 def _budget(opts: BenchOptions) -> dict:
-    cfg = PruneConfig.from_dict({**opts.prune_flags, "model": opts.model})
+    cfg = PruneConfig.from_dict({**{k: v for k, v in opts.prune_flags.items() if k != "sparsity"},
+                                 "model": opts.model})
     keys = ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lr", "seed", "dtype",
             "data", "prune_every", "warmup_frac", "cooldown_frac", "ema", "calib_batches", "importance",
             "targets", "skip_layers")

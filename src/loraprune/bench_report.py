@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from . import sparse_bench
 from .bench import EVAL_LABELS
 
 STYLE = {"iterative": ("-", "o"), "oneshot": ("--", "s")}
@@ -60,11 +61,19 @@ def render_markdown(doc: dict) -> str:
                          f"{r['content_sha256_16']}, fp32; masked model with LoRA merged.")
     m = doc.get("machine", {})
     lines += [f"- Machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {m.get('threads')} eval threads, "
-              f"CUDA {'yes' if m.get('cuda') else 'no'}. Step times are noisy on shared cores.", ""]
+              f"CUDA {'yes' if m.get('cuda') else 'no'}. Step times are noisy on shared cores."]
+    sparse = sparse_bench.table_columns(doc)  # N:M / unstructured rows or --speed: three more columns
+    if sparse and sparse_bench.speed_note(doc):
+        lines.append(sparse_bench.speed_note(doc))
+    lines.append("")
     head = ["criterion", "schedule", "ratio", "params kept"] + [f"{_label(e)} PPL" for e in evals]
     if zs:
         head.append("zero-shot mean")
     head += ["peak RSS (MB)", "step time vs plain LoRA", "prune wall (s)"]
+    if sparse:
+        head[3:3] = ["pattern"]
+        head[5:5] = ["nonzero params"]
+        head.append("CPU prefill / decode")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pd = dense.get("params")
     cells = ["dense (no fine-tuning)", "-", "0", f"{_params(pd)} (100%)" if pd else "n/a"]
@@ -72,6 +81,10 @@ def render_markdown(doc: dict) -> str:
     if zs:
         cells.append(_num((dev.get("zeroshot") or {}).get("mean"), 4))
     cells += ["", "", ""]
+    if sparse:
+        extra = sparse_bench.cells(doc, None)
+        cells[3:3], cells[5:5] = extra[:1], extra[1:2]
+        cells.append(extra[2])
     lines.append("| " + " | ".join(cells) + " |")
     best = _best(doc["rows"], evals[0]) if evals else {}
     for r in doc["rows"]:
@@ -79,16 +92,23 @@ def render_markdown(doc: dict) -> str:
         cells = [name, r["schedule"] if not r["plain_lora"] else "-", f"{r['ratio']:g}"]
         if r["status"] != "ok":
             cells += [f"FAILED: {r.get('error', '')[:80]}"] + [""] * (len(head) - 4)
+            if sparse:
+                cells[3:3] = [r.get("pattern", "structured")]
+                cells = cells[:len(head)]
             lines.append("| " + " | ".join(cells) + " |")
             continue
         cells.append(f"{_params(r['params_pruned'])} ({100 * r['params_kept_frac']:.1f}%)")
         for i, e in enumerate(evals):
             v = _num(_ppl(r["eval"], e))
-            cells.append(f"**{v}**" if i == 0 and best.get(r["ratio"]) == r["id"] else v)
+            cells.append(f"**{v}**" if i == 0 and best.get(_group(r)) == r["id"] else v)
         if zs:
             cells.append(_num((r["eval"].get("zeroshot") or {}).get("mean"), 4))
         rel = r.get("step_time_rel")
         cells += [_num(r["peak_rss_mb"], 0), f"{rel:.2f}x" if rel else "n/a", _num(r["wall_s"], 1)]
+        if sparse:
+            extra = sparse_bench.cells(doc, r)
+            cells[3:3], cells[5:5] = extra[:1], extra[1:2]
+            cells.append(extra[2])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Bold: lowest first-listed perplexity at that ratio. Columns: see docs/benchmarks.md.", ""]
     return "\n".join(lines)
@@ -96,6 +116,11 @@ def render_markdown(doc: dict) -> str:
 
 def _n_rows(o: dict) -> int:
     return len(o["ratios"]) * len(o["criteria"]) * len(o["schedules"]) + (1 if o["plain_row"] else 0)
+
+
+def _group(r: dict):
+    """Rows compared for the bold mark: same ratio and same element pattern."""
+    return (r["ratio"], r.get("pattern", "structured"))
 
 
 def _best(rows: list[dict], name: str) -> dict:
@@ -106,8 +131,8 @@ def _best(rows: list[dict], name: str) -> dict:
         v = _ppl(r["eval"], name)
         if v is None or not math.isfinite(v):
             continue
-        if r["ratio"] not in best or v < best[r["ratio"]][0]:
-            best[r["ratio"]] = (v, r["id"])
+        if _group(r) not in best or v < best[_group(r)][0]:
+            best[_group(r)] = (v, r["id"])
     return {k: v[1] for k, v in best.items()}
 
 
@@ -129,7 +154,8 @@ def plot(doc: dict, path) -> None:
         for ci, c in enumerate(crits):
             for s in doc["options"]["schedules"]:
                 pts = sorted((r["ratio"], _ppl(r["eval"], name)) for r in rows
-                             if r["criterion"] == c and r["schedule"] == s and not r["plain_lora"])
+                             if r["criterion"] == c and r["schedule"] == s and not r["plain_lora"]
+                             and r.get("pattern", "structured") == "structured")
                 pts = [p for p in pts if p[1] is not None and math.isfinite(p[1])]
                 if not pts:
                     continue

@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .errors import UserError
 
-COMMANDS = ("prune", "export", "eval", "bench", "bench_speed", "bench_memory")
+COMMANDS = ("prune", "export", "eval", "bench", "bench_speed", "bench_memory", "verify_sparsity")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,12 +3,14 @@ JSON with every output."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
 
 CRITERIA = ("lora", "mask-taylor", "taylor", "magnitude", "activation", "random")
+ELEMENT_CRITERIA = ("lora", "magnitude", "wanda")  # criteria of --pattern N:M / unstructured (element_prune.py)
 IMPORTANCE = ("squared", "abs-norm")
 SCHEDULES = ("iterative", "oneshot")
 DTYPE_CHOICES = ("fp32", "bf16")
@@ -26,7 +28,12 @@ class PruneConfig:
     model: str | None = _f(None, "HF model directory or hub id; default: the embedded SmolLM2-135M")
     data: str | None = _f(None, "training text: sotu (default), ptb, wikitext2, c4, hf:NAME, FILE.txt, FILE.jsonl")
     text_field: str = _f("text", "field holding the text in .jsonl files / hf: datasets")
-    ratio: float = _f(0.2, "fraction of each pruned layer's units removed (heads and FFN channels), in [0, 1)")
+    ratio: float = _f(None, "fraction of each pruned layer's units removed (heads and FFN channels), in [0, 1); "
+                            "default 0.2 with --pattern structured, 0 (no unit pruning) with an element pattern")
+    pattern: str = _f("structured", "structured (units, --ratio), N:M (N of every M consecutive weights along the "
+                      "input dimension are zero, e.g. 2:4; applied to what --ratio keeps) or unstructured "
+                      "(--sparsity of each projection's weights); see docs/sparsity.md")
+    sparsity: float = _f(None, "element sparsity of --pattern unstructured (default 0.5); N:M implies N/M")
     targets: str = _f("heads,ffn", "which units to prune: heads, ffn or heads,ffn")
     skip_layers: str = _f("auto", "layers never pruned: auto (first 10%% and the last), none, or e.g. 0-2,29")
     round_to: int = _f(1, "keep FFN channel counts a multiple of N per layer (chosen by the criterion)")
@@ -77,9 +84,12 @@ class PruneConfig:
         self.validate()
 
     def validate(self) -> None:
+        self._resolve_pattern()
         if not 0.0 <= self.ratio < 1.0:
             raise UserError(f"--ratio {self.ratio} is outside [0, 1): it is the fraction of units removed")
-        for name in ("steps", "prune_every", "lora_r", "seq_len", "batch_size", "grad_accum", "round_to",
+        if self.steps < 0 or (self.steps == 0 and self.schedule != "oneshot"):
+            raise UserError("--steps must be at least 1 (0 only with --schedule oneshot: prune without recovery)")
+        for name in ("prune_every", "lora_r", "seq_len", "batch_size", "grad_accum", "round_to",
                      "calib_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -93,7 +103,8 @@ class PruneConfig:
             raise UserError("--warmup-frac and --cooldown-frac must be >= 0 and sum to less than 1")
         if self.lr <= 0:
             raise UserError("--lr must be positive")
-        for name, allowed in (("criterion", CRITERIA), ("importance", IMPORTANCE), ("schedule", SCHEDULES),
+        crits = ELEMENT_CRITERIA if self.pattern != "structured" else CRITERIA
+        for name, allowed in (("criterion", crits), ("importance", IMPORTANCE), ("schedule", SCHEDULES),
                               ("dtype", DTYPE_CHOICES), ("save_dtype", SAVE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
@@ -107,6 +118,39 @@ class PruneConfig:
             else:
                 raise UserError("--uniform prunes every layer alike; it conflicts with --skip-layers "
                                 f"{self.skip_layers!r} (drop one of them)")
+
+    def _resolve_pattern(self) -> None:
+        """--pattern / --sparsity / --ratio defaults and combinations (see docs/sparsity.md)."""
+        from .sparsity import parse_pattern
+
+        given = self.sparsity
+        if not isinstance(self.pattern, str):  # YAML 1.1 reads an unquoted 2:4 as the number 124
+            raise UserError(f"--pattern {self.pattern!r} must be text; quote it in config files: pattern: \"2:4\"")
+        if self.pattern.strip().lower() == "structured":
+            self.pattern = "structured"
+            if given not in (None, 0, 0.0):
+                raise UserError("--sparsity applies to --pattern unstructured (or N:M); "
+                                "structured pruning uses --ratio")
+            self.sparsity = 0.0
+            self.ratio = 0.2 if self.ratio is None else self.ratio
+            return
+        p = parse_pattern(self.pattern, 0.5 if given is None else given)
+        self.pattern = p.text
+        if p.kind == "nm" and given is not None and abs(given - p.sparsity) > 1e-12:
+            raise UserError(f"--pattern {p.text} means sparsity {p.sparsity:g}; drop --sparsity {given}")
+        self.sparsity = p.sparsity
+        self.ratio = 0.0 if self.ratio is None else self.ratio
+        if self.lora_dropout:
+            raise UserError("element patterns need --lora-dropout 0 (the masked LoRA path must equal the "
+                            "merged weight)")
+        if p.kind == "nm" and self.ratio > 0 and self.round_to % p.m:
+            # kept FFN channels become the input columns of down_proj: N:M blocks need a multiple of M
+            self.round_to = self.round_to * p.m // math.gcd(self.round_to, p.m)
+
+    @property
+    def unit_criterion(self) -> str:
+        """The structured criterion: wanda's unit-level form is the activation criterion."""
+        return "activation" if self.criterion == "wanda" else self.criterion
 
     @property
     def target_list(self) -> list[str]:

@@ -87,6 +87,7 @@ def render_markdown(r: dict) -> str:
         f"{_pct(r['achieved_head_ratio_mean'])} / {_pct(r['achieved_ffn_ratio_mean'])} / "
         f"{_pct(r['achieved_unit_ratio'])} |",
         f"| pruned layers | {_ranges(r['prunable_layers'])} of 0-{r['num_layers'] - 1} |",
+        *_sparsity_lines(r.get("sparsity")),
         f"| training loss start -> end (mean of {r['loss_window_steps']} steps) | "
         f"{_fmt(r['loss_start'], 3)} -> {_fmt(r['loss_end'], 3)} |",
     ]
@@ -110,6 +111,16 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {l['layer']}{mark} | {l['heads']}/{l['heads_of']} | {l['kv_heads']}/{l['kv_heads_of']} "
                      f"| {l['ffn']}/{l['ffn_of']} |")
     return "\n".join(lines) + "\n"
+
+
+def _sparsity_lines(sp: dict | None) -> list[str]:
+    """--pattern N:M / unstructured (element_prune.write_element_outputs); nothing otherwise."""
+    if not sp:
+        return []
+    line = (f"| element pattern ({sp['criterion']} criterion, all layers) | {sp['pattern']}: {sp['zeros']:,} of "
+            f"{sp['total']:,} projection weights zero ({100 * sp['sparsity']:.2f}%) |")
+    nz = sp.get("nonzero_params")
+    return [line] + ([f"| nonzero parameters | {nz:,} |"] if nz is not None else [])
 
 
 def _pct(x):

@@ -29,6 +29,7 @@ from . import data as data_mod
 from .arch import TARGET_MODULES, model_spec, parse_layers
 from .config import PruneConfig
 from .criteria import build_criterion
+from .element_prune import build_element_pruner, oneshot_element_scores, write_element_outputs
 from .dist import Dist, check_batch, init_from_env, mask_checksum
 from .errors import UserError
 from .masks import MaskSet, ffn_keep, final_head_shapes
@@ -243,9 +244,11 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
         model.enable_input_require_grads()
     masks = MaskSet(spec, prunable, uniform_heads=cfg.uniform)
     masks.attach(model)
-    criterion = build_criterion(cfg.criterion, cfg.importance, masks=masks, seed=cfg.seed)
+    criterion = build_criterion(cfg.unit_criterion, cfg.importance, masks=masks, seed=cfg.seed)
     if hasattr(criterion, "setup"):
         criterion.setup(model, spec, masks)
+    # --pattern N:M / unstructured: element masks, masked LoRA forwards, element scorer (else None)
+    epruner = build_element_pruner(cfg, model, spec, masks)
     pruner = Pruner(spec, masks, criterion, ratio=cfg.ratio, targets=cfg.target_list, total_steps=cfg.steps,
                     prune_every=cfg.prune_every, warmup_frac=cfg.warmup_frac,
                     cooldown_frac=cfg.cooldown_frac, ema=cfg.ema, round_to=cfg.round_to)
@@ -263,6 +266,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         pruner.load_state_dict(state["pruner"])
+        if epruner is not None:
+            epruner.load_state_dict(state["element"])
         loaded = MaskSet.load(latest / "masks.json", spec)
         for i in range(spec.num_layers):
             masks.layers[i] = loaded.layers[i]
@@ -279,21 +284,30 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             st = {"step": step, "world": d.world, "optim": optim.state_dict(), "sched": sched.state_dict(),
                   "pruner": pruner.state_dict(), "stream": stream.state_dict(), "losses": losses,
                   "step_times": step_times, "rng": ckpt_mod.rng_state(), "dense_ppl": dense_ppl}
+            if epruner is not None:
+                st["element"] = epruner.state_dict()
             path = ckpt_mod.save(ckpt_root, step, lora=get_peft_model_state_dict(model), state=st, masks=masks,
                                  keep=cfg.keep_checkpoints)
         d.barrier()
         return path
 
     hooks.phase("pruning")
-    if cfg.schedule == "oneshot" and do_prune and state is None:
-        oneshot_scores(model, pruner, stream, cfg, d, trainable)
-        pruner.apply_ratio(cfg.ratio, 0)
+    if cfg.schedule == "oneshot" and (do_prune or epruner is not None) and state is None:
+        if do_prune:
+            oneshot_scores(model, pruner, stream, cfg, d, trainable)
+            pruner.apply_ratio(cfg.ratio, 0)
+        if epruner is not None:  # after the units: N:M blocks are formed over the kept columns
+            stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)
+            oneshot_element_scores(model, epruner, lambda: _averaged_step(model, stream, cfg, d),
+                                   cfg.calib_batches, reduce=d.average)
         stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)  # same data order as iterative
     stop = _StopFlag(handle_signals)
     try:
         for step in range(start, cfg.steps + 1):
             if not (cfg.schedule == "iterative" and do_prune and pruner.needs_scores(step)):
                 end_scoring(criterion, model)
+            if epruner is not None and not (cfg.schedule == "iterative" and epruner.needs_scores(step)):
+                epruner.teardown(model)
             ts = time.perf_counter()
             loss = train_step(model, stream, cfg, d)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -308,6 +322,11 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
                     pruner.observe(model, reduce=d.average)
                 except NonFiniteScores as err:
                     raise _diverged(str(err), step, ckpt_root, part, out) from None
+            if cfg.schedule == "iterative" and epruner is not None and epruner.needs_scores(step):
+                try:
+                    epruner.observe(model)
+                except NonFiniteScores as err:
+                    raise _diverged(str(err), step, ckpt_root, part, out) from None
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optim.step()
             sched.step()
@@ -317,6 +336,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             if cfg.schedule == "iterative" and do_prune and pruner.maybe_update(step) and cfg.debug_sync:
                 if not d.all_equal(mask_checksum(masks)):
                     raise RuntimeError(f"ranks disagree on the masks at step {step}")
+            if cfg.schedule == "iterative" and epruner is not None:
+                epruner.maybe_update(model, step, reduce=d.average)  # after the units (same step)
             losses.append(loss)
             step_times.append(time.perf_counter() - ts)
             if _TEST_STEP_DELAY:
@@ -338,6 +359,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
         stop.restore()
     if do_prune:
         pruner.finalize(cfg.steps)
+    if epruner is not None:
+        epruner.finalize(model, cfg.steps)
 
     pruned_ppl = None
     if eval_ids is not None and d.main:
@@ -350,7 +373,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
         report = _write_outputs(cfg, model, masks, tokenizer, spec, part, out, params_dense=params_dense,
                                 losses=losses, step_times=step_times, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
                                 eval_meta=eval_meta, history=pruner.history, t0=t0, n_seqs=int(seqs.shape[0]),
-                                world=d.world)
+                                world=d.world, epruner=epruner)
     d.barrier()
     return report if report is not None else {"out": str(out), "rank": d.rank}
 
@@ -364,7 +387,7 @@ def _diverged(what: str, step: int, ckpt_root: Path, part: Path, out: Path) -> T
 
 
 def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *, params_dense, losses,
-                   step_times, dense_ppl, pruned_ppl, eval_meta, history, t0, n_seqs, world) -> dict:
+                   step_times, dense_ppl, pruned_ppl, eval_meta, history, t0, n_seqs, world, epruner=None) -> dict:
     from .report import build_report, write_report
 
     export_info = None
@@ -372,7 +395,8 @@ def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *,
         from .export import export_compact
 
         export_info = export_compact(model, masks, part, tokenizer=tokenizer, uniform=cfg.uniform,
-                                     save_dtype=cfg.save_dtype)
+                                     save_dtype=cfg.save_dtype,
+                                     element_masks=epruner.emasks if epruner is not None else None)
     model.save_pretrained(part / "adapter")
     masks.save(part / "masks.json")
     cfg.save(part / "loraprune_config.json")
@@ -382,6 +406,8 @@ def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *,
         export_info=export_info, wall_s=time.time() - t0, peak_rss_mb=peak_rss_mb(), n_train_seqs=n_seqs,
         ramp=ramp_bounds(cfg.steps, cfg.warmup_frac, cfg.cooldown_frac))
     report["world_size"] = world
+    if epruner is not None:  # element_masks.safetensors + .json, report["sparsity"]
+        write_element_outputs(epruner, masks, part, report)
     shutil.rmtree(part / "checkpoints", ignore_errors=True)  # the finished run needs none
     write_report(report, part)  # report.json last: marks the directory complete
     if out.exists():
@@ -410,6 +436,13 @@ def train_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
         loss.backward()
         total += float(loss.detach())
     return total
+
+
+def _averaged_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
+    """One forward/backward with gradients averaged across ranks (element calibration)."""
+    loss = train_step(model, stream, cfg, d)
+    d.average([p.grad for p in model.parameters() if p.grad is not None])
+    return loss
 
 
 def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, trainable) -> None:

@@ -9,7 +9,8 @@ from dataclasses import MISSING, fields
 from ..config import CRITERIA, SCHEDULES, PruneConfig
 
 # PruneConfig fields the bench sets per row (or replaces by its own evaluation); all others pass through.
-OWN = {"ratio", "criterion", "schedule", "out", "overwrite", "export", "eval_data", "eval_ctx", "eval_windows"}
+OWN = {"ratio", "criterion", "schedule", "out", "overwrite", "export", "eval_data", "eval_ctx", "eval_windows",
+       "pattern"}
 
 
 def _list(conv):
@@ -48,7 +49,17 @@ def register(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue a --out: reuse finished rows with the same config")
     g.add_argument("--no-plain", dest="plain_row", action="store_false",
                    help="skip the plain LoRA row (then there is no step-time reference)")
-    g.add_argument("--keep-adapters", action="store_true", help="keep each row's LoRA adapter")
+    g.add_argument("--keep-adapters", action="store_true", help="keep each row's LoRA adapter (and exported model)")
+    g.add_argument("--patterns", type=_list(str), default=["structured"],
+                   help="comma list of structured, N:M (e.g. 2:4), unstructured (uses --sparsity, default 0.5); "
+                        "element patterns add rows for --element-criteria (default: structured)")
+    g.add_argument("--element-criteria", type=_list(str), default=["lora", "magnitude", "wanda"],
+                   help="criteria of the element-pattern rows: lora runs each --schedules, magnitude and wanda run "
+                        "one-shot with the same LoRA recovery (default: lora,magnitude,wanda)")
+    g.add_argument("--no-recovery", action="store_true",
+                   help="also one-shot element rows without LoRA recovery (--steps 0)")
+    g.add_argument("--speed", action="store_true",
+                   help="export every row and measure the CPU prefill/decode speed of every exported model")
     pf = p.add_argument_group("prune flags passed to every row")
     for f in fields(PruneConfig):
         if f.name in OWN:
@@ -74,7 +85,9 @@ def options_from_args(args):
                         schedules=args.schedules, prune_flags=flags, evals=args.eval, eval_ctx=args.eval_ctx,
                         eval_windows=args.eval_windows, zero_shot=args.zero_shot,
                         zero_shot_limit=args.zero_shot_limit, plain_row=args.plain_row, overwrite=args.overwrite,
-                        resume=args.resume, keep_adapters=args.keep_adapters, threads=flags.get("threads", 0))
+                        resume=args.resume, keep_adapters=args.keep_adapters, threads=flags.get("threads", 0),
+                        patterns=args.patterns, element_criteria=args.element_criteria, no_recovery=args.no_recovery,
+                        speed=args.speed)
 
 
 def run(args) -> int:
@@ -98,7 +111,8 @@ def run(args) -> int:
             else:
                 ppl = ", ".join(f"{name} {v['ppl']:.2f}" for name, v in rec["eval"].items() if "ppl" in v)
                 print(f"{el} row {k}/{n}: {rec['id']} done: {ppl}; peak {rec['peak_rss_mb']:.0f} MB, "
-                      f"{rec['mean_step_s']:.2f} s/step", file=sys.stderr, flush=True)
+                      + (f"{rec['mean_step_s']:.2f} s/step" if rec["mean_step_s"] else "no training steps"),
+                      file=sys.stderr, flush=True)
 
     cmd = ["loraprune", "bench", *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     doc = run_bench(opts, command=cmd, on_event=event)

@@ -1,0 +1,132 @@
+"""The element-sparsity part of `loraprune bench` (bench.py calls these; see docs/sparsity.md).
+
+`--patterns structured,2:4,unstructured` adds, for each element pattern, rows for the element criteria
+(`--element-criteria`, default lora,magnitude,wanda): `lora` with each of `--schedules`, the baselines
+magnitude and wanda one-shot (as in their papers) with the bench's LoRA recovery budget, and with
+`--no-recovery` also one-shot without any fine-tuning (--steps 0). Element rows prune no units
+(ratio 0); unstructured rows use `--sparsity` (default 0.5).
+
+`--speed` exports every row (merged, sliced, exact zeros) and measures the CPU speed of every exported
+model against the dense one with speed.run_speed (interleaved trials in one process). Exported
+element-sparse models keep dense shapes: CPU kernels do not skip zeros, so expect ~1.0x; only
+structured rows are smaller.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+ELEMENT_BASELINES = ("magnitude", "wanda")
+SPEED = {"ctx": 256, "new_tokens": 32, "repeats": 3, "warmup": 1}
+
+
+def element_rows(opts, pattern: str) -> list:
+    from .bench import Row
+
+    rows = []
+    for c in opts.element_criteria:
+        if c in ELEMENT_BASELINES:
+            rows.append(Row(c, "oneshot", 0.0, pattern))
+            if opts.no_recovery:
+                rows.append(Row(c, "oneshot", 0.0, pattern, steps=0))
+        else:
+            for s in opts.schedules:
+                rows.append(Row(c, s, 0.0, pattern))
+                if s == "oneshot" and opts.no_recovery:
+                    rows.append(Row(c, s, 0.0, pattern, steps=0))
+    return rows
+
+
+def row_values(opts, row) -> dict:
+    """PruneConfig values a row adds to the bench's common flags."""
+    vals = {"pattern": row.pattern}
+    if row.pattern != "unstructured":
+        vals["sparsity"] = None  # --sparsity (passed to every row) belongs to the unstructured rows
+    elif "sparsity" in opts.prune_flags:
+        vals["sparsity"] = opts.prune_flags["sparsity"]
+    if row.steps is not None:
+        vals["steps"] = row.steps
+    if opts.speed:
+        vals["export"] = True
+    return vals
+
+
+def validate_sparse(opts) -> None:
+    from .config import ELEMENT_CRITERIA
+    from .sparsity import parse_pattern
+
+    for p in opts.patterns:
+        parse_pattern(p, 0.5)
+    bad = [c for c in opts.element_criteria if c not in ELEMENT_CRITERIA]
+    if bad or (not opts.element_criteria and opts.patterns != ["structured"]):
+        raise UserError(f"--element-criteria: unknown {', '.join(bad) or '(none)'}; choose from "
+                        f"{', '.join(ELEMENT_CRITERIA)}")
+    if "structured" not in opts.patterns:
+        opts.criteria = [c for c in opts.criteria if c != "wanda"] or ["lora"]  # unused by element rows
+
+
+def measure_speed(doc: dict, out: Path, opts) -> None:
+    """Prefill/decode tokens/s of the dense model and every exported row, interleaved in one process;
+    the rows' exported weights are deleted afterwards unless keep_adapters."""
+    from .models import resolve_model_path
+    from .speed import run_speed
+
+    rows = [r for r in doc["rows"] if r["status"] == "ok" and (out / r["run_dir"] / "config.json").is_file()]
+    paths = [resolve_model_path(opts.model)] + [str(out / r["run_dir"]) for r in rows]
+    labels = ["dense"] + [r["id"] for r in rows]
+    res = run_speed(paths, labels, dtype="fp32", device="cpu", memory=False, threads=opts.threads or None,
+                    **SPEED)
+    by_label = {m["label"]: m for m in res["models"]}
+    doc["speed"] = {"setup": res["setup"], "dense": _speed(by_label["dense"])}
+    for r in rows:
+        r["speed"] = _speed(by_label[r["id"]])
+        if not opts.keep_adapters:
+            for f in (out / r["run_dir"]).glob("*.safetensors"):
+                if f.name != "element_masks.safetensors":
+                    f.unlink()
+
+
+def _speed(m: dict) -> dict:
+    keys = ("params", "prefill_tok_s_median", "decode_tok_s_median", "speedup_prefill_median",
+            "speedup_decode_median")
+    return {k: m[k] for k in keys}
+
+
+def table_columns(doc: dict) -> bool:
+    """Whether the bench table needs the sparsity columns."""
+    return any(r.get("pattern", "structured") != "structured" for r in doc["rows"]) or bool(doc.get("speed"))
+
+
+def cells(doc: dict, r: dict | None) -> list[str]:
+    """The extra cells of one row (None: the dense row): pattern, nonzero params, CPU speed."""
+    sp = (doc.get("speed") or {})
+    if r is None:
+        d = sp.get("dense")
+        return ["-", "100%", _speed_cell(d, dense=True)]
+    kept = r.get("nonzero_params", r.get("params_pruned"))
+    nz = f"{kept / 1e6:.4g}M ({100 * kept / r['params_dense']:.1f}%)" if kept else "n/a"
+    pat = "-" if r.get("plain_lora") else r.get("pattern", "structured")
+    if r.get("recovery_steps") == 0:
+        pat += ", no recovery"
+    return [pat, nz, _speed_cell(r.get("speed"))]
+
+
+def _speed_cell(s: dict | None, dense: bool = False) -> str:
+    if not s:
+        return "n/a"
+    if dense:
+        return f"{s['prefill_tok_s_median']:,.0f} / {s['decode_tok_s_median']:,.1f} tok/s"
+    return f"{s['speedup_prefill_median']:.2f}x / {s['speedup_decode_median']:.2f}x"
+
+
+def speed_note(doc: dict) -> str:
+    s = (doc.get("speed") or {}).get("setup")
+    if not s:
+        return ""
+    return (f"- CPU speed (prefill / decode, median of {s['repeats']} interleaved repeats after {s['warmup']} "
+            f"warm-up; dense row in tokens/s, others as speed-up): prefill {s['ctx']} tokens then "
+            f"{s['new_tokens']} greedy decode steps, batch 1, KV cache, fp32, {s['threads']} threads, "
+            f"{s['cpu']}; torch {s['torch']}. Element-sparse exports are dense tensors with zeros: CPU "
+            "matmuls do not skip zeros. Nonzero params count stored parameters that are not exactly zero.")
+
