@@ -252,3 +252,32 @@ def test_zeroshot_random_subset(tiny_model_dir, capsys):
     assert sorted(s["doc_id"] for s in samples["winogrande"]) == want
     assert main(["eval", d, "--zero-shot", "piqa", "--sample", "2", "--limit", "2"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_cli_eval_on_heterogeneous_export(tiny_tokenizer, text_file, tmp_path):
+    """A pruned model with per-layer widths (loraprune's own config class) goes through both the
+    perplexity code and lm_eval's HFLM; its PPL equals that of the in-memory compact model."""
+    from loraprune.arch import model_spec
+    from loraprune.export import build_compact_model, export_compact
+    from loraprune.masks import MaskSet
+
+    model = tiny_model(vocab=len(tiny_tokenizer))
+    spec = model_spec(model.config)
+    masks = MaskSet(spec)
+    g = torch.Generator().manual_seed(0)
+    for i, (s, r) in enumerate(zip(spec.layers, [0.25, 0.5])):
+        scores = {"heads": torch.rand(s.num_heads, generator=g), "kv": torch.rand(s.num_kv_heads, generator=g),
+                  "ffn": torch.rand(s.intermediate_size, generator=g)}
+        masks.update_layer(i, r, r, scores, ["heads", "ffn"])
+    out = tmp_path / "pruned"
+    assert export_compact(model, masks, out, tokenizer=tiny_tokenizer)["kind"] == "heterogeneous"
+    res = tmp_path / "r.json"
+    assert main(["eval", str(out), "--ppl", str(text_file), "--ctx", "32", "--zero-shot", "piqa",
+                 "--limit", "2", "--json", str(res)]) == 0
+    doc = json.loads(res.read_text())
+    ppl = doc["results"][0]["ppl"]
+    ids = data_mod.tokenize_text(tiny_tokenizer, data_mod.join_documents(data_mod.load_documents(str(text_file))))
+    compact = build_compact_model(model, masks, False, None).eval()
+    assert ppl == pytest.approx(perplexity(compact, ids, 32)["ppl"], rel=1e-4)
+    assert doc["models"][str(out)]["params"] == sum(p.numel() for p in compact.parameters())
+    assert doc["results"][1]["task"] == "piqa" and doc["results"][1]["docs"] == 2
