@@ -46,6 +46,7 @@ def test_bench_two_criteria_writes_table_and_plot(tiny_model_dir, text_file, tmp
         assert row["steps"] == 2 and row["ratio"] == 0.5
         assert 0.3 < row["params_kept_frac"] < 1.0
         assert row["eval"][name]["ppl"] > 1 and row["peak_rss_mb"] > 0 and row["step_time_rel"] > 0
+        assert row["step_time_basis"] == "cpu" and row["mean_step_cpu_s"] > 0 and row["step_time_rel_wall"] > 0
         run = out / row["run_dir"]
         assert (run / "report.json").is_file() and (run / "masks.json").is_file()
         assert not (run / "adapter").exists()  # deleted after evaluation

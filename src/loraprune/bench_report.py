@@ -61,7 +61,7 @@ def render_markdown(doc: dict) -> str:
                          f"{r['content_sha256_16']}, fp32; masked model with LoRA merged.")
     m = doc.get("machine", {})
     lines += [f"- Machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {m.get('threads')} eval threads, "
-              f"CUDA {'yes' if m.get('cuda') else 'no'}. Step times are noisy on shared cores."]
+              f"CUDA {'yes' if m.get('cuda') else 'no'}. {_step_basis(doc)}"]
     sparse = sparse_bench.table_columns(doc)  # N:M / unstructured rows or --speed: three more columns
     if sparse and sparse_bench.speed_note(doc):
         lines.append(sparse_bench.speed_note(doc))
@@ -112,6 +112,14 @@ def render_markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Bold: lowest first-listed perplexity at that ratio. Columns: see docs/benchmarks.md.", ""]
     return "\n".join(lines)
+
+
+def _step_basis(doc: dict) -> str:
+    basis = {r.get("step_time_basis") for r in doc["rows"] if r.get("step_time_rel")}
+    if basis == {"cpu"}:
+        return ("Step time vs plain LoRA: CPU time of the pruning process per optimizer step (robust to other "
+                "load on shared cores; wall-time ratios are in results.json).")
+    return "Step time vs plain LoRA: wall time per optimizer step (noisy on shared cores)."
 
 
 def _n_rows(o: dict) -> int:

@@ -258,7 +258,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
     optim = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(cfg))
     stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)
-    losses, step_times, start = [], [], 1
+    losses, step_times, step_cpu, start = [], [], [], 1
     do_prune = cfg.ratio > 0
 
     if state is not None:
@@ -274,6 +274,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             masks._sync_gates(i)
         stream.load_state_dict(state["stream"])
         losses, step_times = list(state["losses"]), list(state["step_times"])
+        step_cpu = list(state.get("step_cpu", []))
         ckpt_mod.set_rng_state(state["rng"])
         start = int(state["step"]) + 1
         hooks.phase(f"resumed from {latest.name}")
@@ -283,7 +284,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
         if d.main:
             st = {"step": step, "world": d.world, "optim": optim.state_dict(), "sched": sched.state_dict(),
                   "pruner": pruner.state_dict(), "stream": stream.state_dict(), "losses": losses,
-                  "step_times": step_times, "rng": ckpt_mod.rng_state(), "dense_ppl": dense_ppl}
+                  "step_times": step_times, "step_cpu": step_cpu, "rng": ckpt_mod.rng_state(),
+                  "dense_ppl": dense_ppl}
             if epruner is not None:
                 st["element"] = epruner.state_dict()
             path = ckpt_mod.save(ckpt_root, step, lora=get_peft_model_state_dict(model), state=st, masks=masks,
@@ -308,7 +310,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
                 end_scoring(criterion, model)
             if epruner is not None and not (cfg.schedule == "iterative" and epruner.needs_scores(step)):
                 epruner.teardown(model)
-            ts = time.perf_counter()
+            ts, tc = time.perf_counter(), time.process_time()
             loss = train_step(model, stream, cfg, d)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
@@ -340,6 +342,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
                 epruner.maybe_update(model, step, reduce=d.average)  # after the units (same step)
             losses.append(loss)
             step_times.append(time.perf_counter() - ts)
+            step_cpu.append(time.process_time() - tc)  # this process's CPU: robust to other load
             if _TEST_STEP_DELAY:
                 time.sleep(_TEST_STEP_DELAY)
             if hooks.on_step and d.main:
@@ -371,7 +374,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
     if d.main:
         hooks.phase("writing outputs")
         report = _write_outputs(cfg, model, masks, tokenizer, spec, part, out, params_dense=params_dense,
-                                losses=losses, step_times=step_times, dense_ppl=dense_ppl, pruned_ppl=pruned_ppl,
+                                losses=losses, step_times=step_times, step_cpu=step_cpu, dense_ppl=dense_ppl,
+                                pruned_ppl=pruned_ppl,
                                 eval_meta=eval_meta, history=pruner.history, t0=t0, n_seqs=int(seqs.shape[0]),
                                 world=d.world, epruner=epruner)
     d.barrier()
@@ -387,7 +391,8 @@ def _diverged(what: str, step: int, ckpt_root: Path, part: Path, out: Path) -> T
 
 
 def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *, params_dense, losses,
-                   step_times, dense_ppl, pruned_ppl, eval_meta, history, t0, n_seqs, world, epruner=None) -> dict:
+                   step_times, dense_ppl, pruned_ppl, eval_meta, history, t0, n_seqs, world, epruner=None,
+                   step_cpu=None) -> dict:
     from .report import build_report, write_report
 
     export_info = None
@@ -406,6 +411,7 @@ def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *,
         export_info=export_info, wall_s=time.time() - t0, peak_rss_mb=peak_rss_mb(), n_train_seqs=n_seqs,
         ramp=ramp_bounds(cfg.steps, cfg.warmup_frac, cfg.cooldown_frac))
     report["world_size"] = world
+    report["mean_step_cpu_s"] = sum(step_cpu) / len(step_cpu) if step_cpu else None
     if epruner is not None:  # element_masks.safetensors + .json, report["sparsity"]
         write_element_outputs(epruner, masks, part, report)
     shutil.rmtree(part / "checkpoints", ignore_errors=True)  # the finished run needs none
