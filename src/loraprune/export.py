@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import ATTN, MLP, decoder_layers, unwrap
+from .arch import decoder_layers, unwrap
 from .errors import UserError
 from .masks import MaskSet
 

@@ -75,7 +75,7 @@ def run_speed(paths: list[str], labels: list[str] | None = None, *, ctx: int = 5
               attn: str | None = None, memory: bool = True, threads: int | None = None,
               progress=None) -> dict:
     """Measure every checkpoint in `paths` (the first is the reference); return the result dict."""
-    from .models import DTYPES, load_model
+    from .models import load_model
 
     if repeats < 1 or warmup < 0 or ctx < 1 or new_tokens < 1:
         raise UserError("--repeats, --ctx and --new-tokens must be >= 1 and --warmup >= 0")

