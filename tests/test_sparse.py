@@ -362,6 +362,8 @@ def test_prune_export_pattern_holds_after_merge(pattern, ratio, criterion, sched
     res = verify_sparsity(out)
     assert res["ok"] and res["modules_checked"] == 14 and res["sparsity_measured"] == pytest.approx(0.5)
     assert rep["sparsity"]["verified"]["ok"] and rep["sparsity"]["sparsity"] == pytest.approx(0.5)
+    assert res["params"] == rep["params_pruned"]                      # the weight files only
+    assert res["nonzero_params"] == rep["params_pruned"] - rep["sparsity"]["zeros"] == rep["sparsity"]["nonzero_params"]
     cfg = json.loads((out / "config.json").read_text())["loraprune_sparsity"]
     assert cfg["pattern"] == pattern and cfg["sparsity"] == 0.5
     assert (out / "element_masks.safetensors").is_file() and (out / "element_masks.json").is_file()

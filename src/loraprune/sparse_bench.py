@@ -128,5 +128,7 @@ def speed_note(doc: dict) -> str:
             f"warm-up; dense row in tokens/s, others as speed-up): prefill {s['ctx']} tokens then "
             f"{s['new_tokens']} greedy decode steps, batch 1, KV cache, fp32, {s['threads']} threads, "
             f"{s['cpu']}; torch {s['torch']}. Element-sparse exports are dense tensors with zeros: CPU "
-            "matmuls do not skip zeros. Nonzero params count stored parameters that are not exactly zero.")
+            "matmuls do not skip zeros. Nonzero params: exported parameters minus the weights the element "
+            "masks zero (`loraprune verify-sparsity` measures them on the files). Bold: lowest first-listed "
+            "perplexity among rows of the same ratio and pattern.")
 

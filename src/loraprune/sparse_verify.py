@@ -25,7 +25,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [model_dir / n for n in names]
-    files = sorted(model_dir.glob("*.safetensors"))
+    # model*.safetensors only: a prune run directory also holds element_masks.safetensors
+    files = sorted(model_dir.glob("model*.safetensors"))
     if not files:
         raise UserError(f"no .safetensors weights in {model_dir}")
     return files
