@@ -117,7 +117,7 @@ def test_oneshot_works_for_every_criterion(criterion, tiny_model_dir, text_file,
 def test_bench_memory_tiny_shape_every_mode(tmp_path):
     out = tmp_path / "mem"
     r = cli("bench-memory", "--shape", "tiny", "--seq", 32, "--repeats", 1, "--threads", 1, "--dtypes", "fp32",
-            "--checkpointing", "both", "--out", out)
+            "--checkpointing", "both", "--malloc", "default", "--out", out)
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads((out / "memory.json").read_text())
     rows = {(x["mode"], x["checkpointing"]): x for x in doc["summary"]}
@@ -130,4 +130,4 @@ def test_bench_memory_tiny_shape_every_mode(tmp_path):
     runs = {(x["case"]["mode"], x["case"]["checkpointing"]): x for x in doc["runs"]}
     assert runs[("taylor", False)]["base_grad_bytes"] > 0
     assert runs[("lora", False)]["base_grad_bytes"] == 0 and runs[("mask-taylor", True)]["base_grad_bytes"] == 0
-    assert "| fp32 | off | lora |" in (out / "memory.md").read_text()
+    assert "| default | fp32 | off | lora |" in (out / "memory.md").read_text()

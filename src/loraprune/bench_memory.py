@@ -43,6 +43,7 @@ SHAPES = {
                  intermediate_size=96, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MALLOC_ENV = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Case:
     lora_r: int = 8
     threads: int = 0
     seed: int = 0
+    malloc: str = "default"  # "mmap": glibc returns every freed block over 128 KiB to the OS at once
 
 
 def rss_mb() -> float:
@@ -182,6 +184,7 @@ def measure(case: Case) -> dict:
 def run_case(case: Case, timeout: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "loraprune.bench_memory", json.dumps(asdict(case))]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.update(MALLOC_ENV.get(case.malloc, {}))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -189,12 +192,13 @@ def run_case(case: Case, timeout: float | None = None) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def plan(modes, dtypes, checkpointing, shape, batch, seq, threads) -> list[Case]:
+def plan(modes, dtypes, checkpointing, shape, batch, seq, threads, mallocs=("default",)) -> list[Case]:
     cases = []
-    for dt in dtypes:
-        for mode in modes:
-            for ck in ([False] if mode == "inference" else checkpointing):
-                cases.append(Case(mode, dt, ck, shape, batch, seq, threads=threads))
+    for ma in mallocs:
+        for dt in dtypes:
+            for mode in modes:
+                for ck in ([False] if mode == "inference" else checkpointing):
+                    cases.append(Case(mode, dt, ck, shape, batch, seq, threads=threads, malloc=ma))
     return cases
 
 
@@ -217,12 +221,12 @@ def summarize(results: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         c = r["case"]
-        groups.setdefault((c["dtype"], c["checkpointing"], c["mode"]), []).append(r)
+        groups.setdefault((c.get("malloc", "default"), c["dtype"], c["checkpointing"], c["mode"]), []).append(r)
     rows = []
-    for (dt, ck, mode), rs in groups.items():
+    for (ma, dt, ck, mode), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         peaks = [r["peak_rss_mb"] for r in ok]
-        row = {"dtype": dt, "checkpointing": ck, "mode": mode, "repeats": len(ok),
+        row = {"malloc": ma, "dtype": dt, "checkpointing": ck, "mode": mode, "repeats": len(ok),
                "errors": [r["error"] for r in rs if "error" in r]}
         if ok:
             row.update(peak_rss_mb=statistics.mean(peaks), peak_min_mb=min(peaks), peak_max_mb=max(peaks),
@@ -235,10 +239,10 @@ def summarize(results: list[dict]) -> list[dict]:
                 if vals:
                     row[k] = statistics.mean(vals)
         rows.append(row)
-    by = {(r["dtype"], r["checkpointing"], r["mode"]): r for r in rows}
+    by = {(r["malloc"], r["dtype"], r["checkpointing"], r["mode"]): r for r in rows}
     for r in rows:
-        t = by.get((r["dtype"], r["checkpointing"], "taylor"))
-        inf = by.get((r["dtype"], False, "inference"))
+        t = by.get((r["malloc"], r["dtype"], r["checkpointing"], "taylor"))
+        inf = by.get((r["malloc"], r["dtype"], False, "inference"))
         # raw peaks, and peaks above the process's start (Python + torch imports: what a GPU number omits)
         for key, ref in (("vs_taylor", t), ("vs_inference", inf)):
             if "peak_rss_mb" in r and ref and "peak_rss_mb" in ref:
@@ -257,19 +261,23 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
              f"{c.get('prunable', '?')} of {c.get('layers', '?')} layers pruned/scored (prune's default skip). "
              "Ratios divide peak RSS; in brackets: peak RSS minus the process's RSS before the model existed "
              "(Python + torch imports, ~0.4 GB), closer to what a GPU allocator reports.", "",
-             "| dtype | grad ckpt | mode | peak RSS (GB) | weights RSS (GB) | vs taylor | vs inference | "
+             "malloc `default`: glibc as configured (its dynamic mmap threshold keeps freed activation buffers "
+             "in the heap); `mmap`: MALLOC_MMAP_THRESHOLD_=131072, every freed block over 128 KiB goes back "
+             "to the OS at once, so RSS follows the live tensors.", "",
+             "| malloc | dtype | grad ckpt | mode | peak RSS (GB) | weights RSS (GB) | vs taylor | vs inference | "
              "grads (GB) | saved for bwd (GB) | step (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(MODES)}
-    for r in sorted(rows, key=lambda r: (r["dtype"], r["checkpointing"], order.get(r["mode"], 9))):
+    for r in sorted(rows, key=lambda r: (r["malloc"], r["dtype"], r["checkpointing"], order.get(r["mode"], 9))):
         if "peak_rss_mb" not in r:
-            lines.append(f"| {r['dtype']} | {'on' if r['checkpointing'] else 'off'} | {r['mode']} | "
+            lines.append(f"| {r['malloc']} | {r['dtype']} | {'on' if r['checkpointing'] else 'off'} | {r['mode']} | "
                          f"FAILED: {'; '.join(r['errors'])[:80]} | | | | | | |")
             continue
         gb = lambda x: "" if x is None else f"{x / 1024:.2f}"  # noqa: E731  (MB -> GB)
         gbb = lambda x: "" if x is None else f"{x / 2**30:.2f}"  # noqa: E731  (bytes -> GB)
         lines.append(
-            f"| {r['dtype']} | {'-' if r['mode'] == 'inference' else ('on' if r['checkpointing'] else 'off')} "
+            f"| {r['malloc']} | {r['dtype']} "
+            f"| {'-' if r['mode'] == 'inference' else ('on' if r['checkpointing'] else 'off')} "
             f"| {r['mode']} | {gb(r['peak_rss_mb'])} [{gb(r['peak_min_mb'])}-{gb(r['peak_max_mb'])}] "
             f"| {gb(r['rss_weights_mb'])} | {_x(r, 'vs_taylor')} | {_x(r, 'vs_inference')} "
             f"| {gbb(r.get('grad_bytes'))} | {gbb(r.get('saved_for_backward_bytes'))} | {r['step_s']:.1f} |")

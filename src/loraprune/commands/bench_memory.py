@@ -28,6 +28,9 @@ def register(sub) -> None:
     p.add_argument("--dtypes", type=_list, default=["fp32", "bf16"], help="comma list of fp32, bf16 (default: both)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
                    help="gradient checkpointing for the backward modes (default: both)")
+    p.add_argument("--malloc", type=_list, default=["default", "mmap"],
+                   help="glibc malloc settings to run under: default, mmap (MALLOC_MMAP_THRESHOLD_=131072: freed "
+                        "blocks over 128 KiB go back to the OS at once) (default: both)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2, help="fresh processes per case (default: 2)")
@@ -37,11 +40,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..bench_memory import MODES, SHAPES, plan, render_markdown, run_all, summarize
+    from ..bench_memory import MALLOC_ENV, MODES, SHAPES, plan, render_markdown, run_all, summarize
 
-    bad = [m for m in args.modes if m not in MODES] + [d for d in args.dtypes if d not in ("fp32", "bf16")]
-    if bad or not args.modes or not args.dtypes:
-        raise UserError(f"unknown mode/dtype {', '.join(bad) or '(none)'}; modes: {', '.join(MODES)}; dtypes: fp32, bf16")
+    bad = ([m for m in args.modes if m not in MODES] + [d for d in args.dtypes if d not in ("fp32", "bf16")]
+           + [m for m in args.malloc if m not in MALLOC_ENV])
+    if bad or not args.modes or not args.dtypes or not args.malloc:
+        raise UserError(f"unknown mode/dtype/malloc {', '.join(bad) or '(none)'}; modes: {', '.join(MODES)}; "
+                        f"dtypes: fp32, bf16; malloc: {', '.join(MALLOC_ENV)}")
     if args.batch < 1 or args.seq < 2 or args.repeats < 1:
         raise UserError("--batch and --repeats must be >= 1 and --seq >= 2")
     if args.seq > SHAPES[args.shape]["max_position_embeddings"]:
@@ -50,12 +55,13 @@ def run(args) -> int:
     if out and out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out} is a file")
     ck = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    cases = plan(args.modes, args.dtypes, ck, args.shape, args.batch, args.seq, args.threads)
+    cases = plan(args.modes, args.dtypes, ck, args.shape, args.batch, args.seq, args.threads, args.malloc)
     t0 = time.time()
 
     def show(r):
         c = r["case"]
-        tag = f"{c['mode']} {c['dtype']} ckpt={'on' if c['checkpointing'] else 'off'} repeat {r['repeat']}"
+        tag = (f"{c['mode']} {c['dtype']} ckpt={'on' if c['checkpointing'] else 'off'} malloc={c['malloc']} "
+               f"repeat {r['repeat']}")
         if "error" in r:
             print(f"[{time.time() - t0:7.1f}s] {tag}: FAILED {r['error']}", file=sys.stderr, flush=True)
         else:
