@@ -310,18 +310,11 @@ def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=Non
                                  "params": rep["params_pruned"], "num_layers": rep["num_layers"], "dtype": "fp32",
                                  "masked": True, "note": "base model + merged LoRA adapter + masks (not sliced)"}
         doc["rows"].append(rec)
+        step_ratios(doc)
         emit("row_done", k, len(rows), rec)
         _write_results(out, doc)
 
-    plain = next((r for r in doc["rows"] if r["plain_lora"] and r["status"] == "ok"), None)
-    for r in doc["rows"]:
-        if r["status"] == "ok" and plain and plain["mean_step_s"] and r["mean_step_s"]:
-            # CPU time of the pruning process per step when the report has it (other processes on
-            # shared cores inflate wall time unevenly between rows), else wall time
-            r["step_time_rel_wall"] = r["mean_step_s"] / plain["mean_step_s"]
-            cpu, ref = r.get("mean_step_cpu_s"), plain.get("mean_step_cpu_s")
-            r["step_time_basis"] = "cpu" if cpu and ref else "wall"
-            r["step_time_rel"] = cpu / ref if cpu and ref else r["step_time_rel_wall"]
+    step_ratios(doc)
     if opts.speed:
         from .sparse_bench import measure_speed
 
@@ -334,6 +327,19 @@ def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=Non
 
     plot(doc, out / "ppl_vs_ratio.png")
     return doc
+
+
+def step_ratios(doc: dict) -> None:
+    """Step time of every finished row relative to the plain-LoRA row (the first row)."""
+    plain = next((r for r in doc["rows"] if r["plain_lora"] and r["status"] == "ok"), None)
+    for r in doc["rows"]:
+        if r["status"] == "ok" and plain and plain["mean_step_s"] and r["mean_step_s"]:
+            # CPU time of the pruning process per step when the report has it (other processes on
+            # shared cores inflate wall time unevenly between rows), else wall time
+            r["step_time_rel_wall"] = r["mean_step_s"] / plain["mean_step_s"]
+            cpu, ref = r.get("mean_step_cpu_s"), plain.get("mean_step_cpu_s")
+            r["step_time_basis"] = "cpu" if cpu and ref else "wall"
+            r["step_time_rel"] = cpu / ref if cpu and ref else r["step_time_rel_wall"]
 
 
 def _row_numbers(rep: dict) -> dict:
