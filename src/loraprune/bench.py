@@ -240,7 +240,10 @@ def _finished(run_dir: Path, cfg: PruneConfig) -> dict | None:
         rep = json.loads((run_dir / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return rep if rep.get("config") == cfg.to_dict() else None
+    saved, default = rep.get("config") or {}, PruneConfig().to_dict()
+    # a field added to PruneConfig after the run matches when the new value is its default
+    same = all(saved.get(k, default[k]) == v for k, v in cfg.to_dict().items())
+    return rep if same else None
 
 
 def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=None) -> dict:
