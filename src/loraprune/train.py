@@ -222,7 +222,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             pruner.apply_ratio(cfg.ratio, 0)
         if epruner is not None:  # after the units: N:M blocks are formed over the kept columns
             stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)
-            oneshot_element_scores(model, epruner, lambda: _averaged_step(model, stream, cfg, d),
+            oneshot_element_scores(model, epruner, lambda: averaged_step(model, stream, cfg, d, masks),
                                    cfg.calib_batches, reduce=d.average)
         stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)  # same data order as iterative
     stop = _StopFlag(handle_signals)
@@ -233,12 +233,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             if epruner is not None and not (cfg.schedule == "iterative" and epruner.needs_scores(step)):
                 epruner.teardown(model)
             ts, tc = time.perf_counter(), time.process_time()
-            loss = train_step(model, stream, cfg, d)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
-            loss_t = torch.tensor([loss])
-            d.average(grads + [loss_t])  # no-op in one process
-            loss = float(loss_t)
+            loss = averaged_step(model, stream, cfg, d, masks)
             if not math.isfinite(loss):
                 raise _diverged(f"loss became {loss}", step, ckpt_root, part, out)
             if cfg.schedule == "iterative" and do_prune and pruner.needs_scores(step):
@@ -254,9 +249,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optim.step()
             sched.step()
-            model.zero_grad(set_to_none=True)
-            for g in masks.gate_parameters():
-                g.grad = None
+            clear_grads(model, masks)
             if cfg.schedule == "iterative" and do_prune and pruner.maybe_update(step) and cfg.debug_sync:
                 if not d.all_equal(mask_checksum(masks)):
                     raise RuntimeError(f"ranks disagree on the masks at step {step}")
@@ -328,11 +321,22 @@ def train_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
     return total
 
 
-def _averaged_step(model, stream, cfg: PruneConfig, d: Dist) -> float:
-    """One forward/backward with gradients averaged across ranks (element calibration)."""
+def averaged_step(model, stream, cfg: PruneConfig, d: Dist, masks) -> float:
+    """train_step, then the one cross-rank all-reduce every caller needs: the gradients of all
+    parameters (LoRA, and base weights while the taylor baseline scores), the mask-gate gradients
+    (mask-taylor) and the loss. A no-op average in one process."""
     loss = train_step(model, stream, cfg, d)
-    d.average([p.grad for p in model.parameters() if p.grad is not None])
-    return loss
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
+    loss_t = torch.tensor([loss])
+    d.average(grads + [loss_t])
+    return float(loss_t)
+
+
+def clear_grads(model, masks) -> None:
+    model.zero_grad(set_to_none=True)
+    for g in masks.gate_parameters():
+        g.grad = None
 
 
 def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, trainable) -> None:
@@ -341,13 +345,9 @@ def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, tra
     ema = pruner.ema
     for k in range(cfg.calib_batches):
         pruner.ema = k / (k + 1)  # running mean
-        train_step(model, stream, cfg, d)
-        d.average([p.grad for p in model.parameters() if p.grad is not None]
-                  + [g.grad for g in pruner.masks.gate_parameters() if g.grad is not None])
+        averaged_step(model, stream, cfg, d, pruner.masks)
         pruner.observe(model, reduce=d.average)
-        model.zero_grad(set_to_none=True)
-        for g in pruner.masks.gate_parameters():
-            g.grad = None
+        clear_grads(model, pruner.masks)
     pruner.ema = ema
 
 
