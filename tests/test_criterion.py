@@ -128,3 +128,28 @@ def test_gradient_checkpointing_gives_the_same_scores():
         scores.append(LoraCriterion().layer_scores(model, model_spec(model.config).layers[1]))
     for k in scores[0]:
         assert torch.allclose(scores[0][k], scores[1][k], rtol=1e-5, atol=0), k
+
+
+def test_rows_projections_sum_only_where_units_own_rows():
+    """--lora-projections rows: heads from q rows only, KV heads from k/v rows, channels from gate/up
+    rows; o_proj and down_proj (whose units own columns) contribute nothing, whatever their values."""
+    model = lora_model(heads=4, kv=2, hidden=16, inter=24)
+    spec = model_spec(model.config).layers[1]
+    backward(model)
+    mods = layer_modules(model, 1)
+    ref = {n: reference_importance(m, "squared") for n, m in mods.items()}
+    got = LoraCriterion("squared", projections="rows").layer_scores(model, spec)
+    full = LoraCriterion("squared").layer_scores(model, spec)
+    d = spec.head_dim
+    for h in range(spec.num_heads):
+        want = float(ref["q_proj"][h * d:(h + 1) * d].sum())
+        assert got["heads"][h].item() == pytest.approx(want, rel=1e-4)
+        assert full["heads"][h].item() > got["heads"][h].item()  # o_proj columns add to the paper's sum
+    for g in range(spec.num_kv_heads):
+        want = float(ref["k_proj"][g * d:(g + 1) * d].sum() + ref["v_proj"][g * d:(g + 1) * d].sum())
+        assert got["kv"][g].item() == pytest.approx(want, rel=1e-4)
+    want = ref["gate_proj"].sum(1) + ref["up_proj"].sum(1)
+    assert torch.allclose(got["ffn"].double(), want, rtol=1e-4)
+    assert (full["ffn"] > got["ffn"]).all()
+    with pytest.raises(ValueError):
+        LoraCriterion("squared", projections="columns")

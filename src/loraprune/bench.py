@@ -359,7 +359,7 @@ def _budget(opts: BenchOptions) -> dict:
                                  "model": opts.model})
     keys = ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "lora_alpha", "lr", "seed", "dtype",
             "data", "prune_every", "warmup_frac", "cooldown_frac", "ema", "calib_batches", "importance",
-            "targets", "skip_layers")
+            "lora_projections", "targets", "skip_layers")
     return {k: getattr(cfg, k) for k in keys}
 
 

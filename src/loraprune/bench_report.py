@@ -51,7 +51,9 @@ def render_markdown(doc: dict) -> str:
         f"- Iterative: masks every {b['prune_every']} steps on a cubic ramp (warm-up {b['warmup_frac']}, "
         f"cool-down {b['cooldown_frac']}), EMA {b['ema']}. Oneshot: scores from {b['calib_batches']} calibration "
         f"batches, prune once, then the same {b['steps']} LoRA steps. Targets {b['targets']}, skipped layers "
-        f"{b['skip_layers']}; lora importance {b['importance']}.",
+        f"{b['skip_layers']}; lora importance {b['importance']}"
+        + (f", summed over {b['lora_projections']} projections" if b.get("lora_projections", "all") != "all" else "")
+        + ".",
     ]
     for name in evals:
         r = dev.get(name)

@@ -12,6 +12,7 @@ from .errors import UserError
 CRITERIA = ("lora", "mask-taylor", "taylor", "magnitude", "activation", "random")
 ELEMENT_CRITERIA = ("lora", "magnitude", "wanda")  # criteria of --pattern N:M / unstructured (element_prune.py)
 IMPORTANCE = ("squared", "abs-norm")
+LORA_PROJECTIONS = ("all", "rows")
 SCHEDULES = ("iterative", "oneshot")
 DTYPE_CHOICES = ("fp32", "bf16")
 SAVE_DTYPES = ("fp32", "bf16", "fp16")
@@ -41,6 +42,10 @@ class PruneConfig:
     criterion: str = _f("lora", "importance criterion: " + ", ".join(CRITERIA), choices=CRITERIA)
     importance: str = _f("squared", "lora element importance: squared (paper) or abs-norm (reference code)",
                          choices=IMPORTANCE)
+    lora_projections: str = _f("all", "projections the lora criterion sums a unit's importance over: all seven "
+                               "(paper) or rows (only q,k,v,gate,up, where the unit owns output rows; at B = 0 "
+                               "the LoRA gradient estimate mixes units in the columns of o_proj and down_proj; "
+                               "see docs/benchmarks.md)", choices=LORA_PROJECTIONS)
     ema: float = _f(0.9, "moving-average factor lambda for importance: I <- lambda*I + (1-lambda)*I_new")
     schedule: str = _f("iterative", "iterative (mask during fine-tuning) or oneshot (score, prune, fine-tune)",
                        choices=SCHEDULES)
@@ -104,7 +109,8 @@ class PruneConfig:
         if self.lr <= 0:
             raise UserError("--lr must be positive")
         crits = ELEMENT_CRITERIA if self.pattern != "structured" else CRITERIA
-        for name, allowed in (("criterion", crits), ("importance", IMPORTANCE), ("schedule", SCHEDULES),
+        for name, allowed in (("criterion", crits), ("importance", IMPORTANCE),
+                              ("lora_projections", LORA_PROJECTIONS), ("schedule", SCHEDULES),
                               ("dtype", DTYPE_CHOICES), ("save_dtype", SAVE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "

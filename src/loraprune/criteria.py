@@ -12,6 +12,12 @@ product. The sign is irrelevant after squaring / absolute value. Element importa
     abs-norm (reference code option): I = |W' * G^| / ||W' * G^||_F   (per module)
 Group importance sums I over every weight the unit owns (see arch.py). Biases carry no LoRA and
 are not scored.
+
+Projections (`--lora-projections`): `all` (paper) sums over the seven projections. `rows` sums only
+over q/k/v/gate/up, where a unit owns output ROWS. Reason: at B = 0, G^ = s^2 G A^T A mixes the
+input columns of G, so in o_proj and down_proj, whose units own input COLUMNS, a unit is scored with
+other units' gradients (measured on SmolLM2: rank correlation with the true-gradient importance ~0.8
+for q/k/gate/up, ~0.2 for o_proj, ~0 for down_proj; benchmarks/smollm2-criteria/estimate_quality.py).
 """
 from __future__ import annotations
 
@@ -84,23 +90,31 @@ def lora_element_importance(mod, mode: str = "squared") -> torch.Tensor:
     raise ValueError(f"unknown importance mode {mode!r}")
 
 
+ROW_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # units own output rows
+
+
 class LoraCriterion:
     name = "lora"
     needs_backward = True
 
-    def __init__(self, importance: str = "squared"):
-        self.importance = importance
+    def __init__(self, importance: str = "squared", projections: str = "all"):
+        if projections not in ("all", "rows"):
+            raise ValueError(f"unknown projections {projections!r}")
+        self.importance, self.projections = importance, projections
 
     def layer_scores(self, model, spec: LayerSpec) -> dict[str, torch.Tensor]:
         acc = None  # one module at a time: a single [out, in] score tensor alive
         for name, mod in layer_modules(model, spec.index).items():
+            if self.projections == "rows" and name not in ROW_PROJECTIONS:
+                continue
             acc = add_scores(acc, module_unit_sums(spec, name, lora_element_importance(mod, self.importance)))
         return acc
 
 
-def build_criterion(name: str, importance: str = "squared", masks=None, seed: int = 0):
+def build_criterion(name: str, importance: str = "squared", masks=None, seed: int = 0,
+                    lora_projections: str = "all"):
     if name == "lora":
-        return LoraCriterion(importance)
+        return LoraCriterion(importance, lora_projections)
     from . import baselines  # criteria that compare against the paper's
 
     return baselines.build(name, masks=masks, seed=seed)

@@ -166,7 +166,8 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
         model.enable_input_require_grads()
     masks = MaskSet(spec, prunable, uniform_heads=cfg.uniform)
     masks.attach(model)
-    criterion = build_criterion(cfg.unit_criterion, cfg.importance, masks=masks, seed=cfg.seed)
+    criterion = build_criterion(cfg.unit_criterion, cfg.importance, masks=masks, seed=cfg.seed,
+                                lora_projections=cfg.lora_projections)
     if hasattr(criterion, "setup"):
         criterion.setup(model, spec, masks)
     # --pattern N:M / unstructured: element masks, masked LoRA forwards, element scorer (else None)
