@@ -153,3 +153,31 @@ def test_rows_projections_sum_only_where_units_own_rows():
     assert (full["ffn"] > got["ffn"]).all()
     with pytest.raises(ValueError):
         LoraCriterion("squared", projections="columns")
+
+
+def test_lora_projections_flag_reaches_the_run(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """--lora-projections is used by the criterion of a real run and saved with its config."""
+    import json
+
+    from loraprune import criteria
+    from loraprune.config import PruneConfig
+    from loraprune.train import prune
+
+    seen = set()
+    orig = criteria.LoraCriterion.layer_scores
+
+    def spy(self, model, spec):
+        seen.add(self.projections)
+        return orig(self, model, spec)
+
+    monkeypatch.setattr(criteria.LoraCriterion, "layer_scores", spy)
+    model = str(tiny_model_dir())
+    for which in ("rows", "all"):
+        seen.clear()
+        out = tmp_path / which
+        cfg = PruneConfig(model=model, data=str(text_file), eval_windows=0, seq_len=32, batch_size=2, steps=4,
+                          prune_every=1, ratio=0.5, skip_layers="none", export=False, save_every=0,
+                          lora_projections=which, out=str(out))
+        prune(cfg)
+        assert seen == {which}
+        assert json.loads((out / "loraprune_config.json").read_text())["lora_projections"] == which
