@@ -314,7 +314,7 @@ def test_oneshot_scores_are_the_mean_of_the_calibration_batches():
     pruner = Pruner(spec, masks, _Counting(), ratio=0.5, targets=["ffn"], total_steps=4, ema=0.9)
     seqs = torch.randint(0, 300, (8, 8))
     cfg = PruneConfig(calib_batches=4, seq_len=8, batch_size=2)
-    oneshot_scores(model, pruner, SequenceStream(seqs, 2, 0), cfg, Dist(), [])
+    oneshot_scores(model, pruner, SequenceStream(seqs, 2, 0), cfg, Dist())
     assert torch.allclose(pruner.scores[0]["ffn"], torch.full((96,), 2.5))  # mean of 1..4, not an EMA
     assert pruner.ema == 0.9
 

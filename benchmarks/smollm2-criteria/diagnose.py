@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--criteria", default="lora,lora:abs-norm,mask-taylor,taylor,magnitude,activation,random",
                     help="names; lora:abs-norm = the lora criterion with --importance abs-norm")
     from loraprune.criteria import build_criterion
-    from loraprune.masks import MaskSet
+    from loraprune.masks import MaskSet, clear_grads
 
     t0 = time.time()
     args, _, stream, calib = parse_and_calibrate(ap)
@@ -66,9 +66,7 @@ def main():
                 for k, v in s.items():
                     acc.setdefault(i, {}).setdefault(k, torch.zeros_like(v, dtype=torch.float64))
                     acc[i][k] += v.double() / len(calib)
-            model.zero_grad(set_to_none=True)
-            for g in masks.gate_parameters():
-                g.grad = None
+            clear_grads(model, masks)
         if hasattr(crit, "teardown"):
             crit.teardown(model)
         scores[name] = acc

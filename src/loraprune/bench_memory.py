@@ -110,7 +110,7 @@ def measure(case: Case) -> dict:
 
         from .arch import TARGET_MODULES, model_spec, parse_layers
         from .criteria import build_criterion
-        from .masks import MaskSet
+        from .masks import MaskSet, step_gradients
 
         model = get_peft_model(model, LoraConfig(r=case.lora_r, lora_alpha=2 * case.lora_r, lora_dropout=0.0,
                                                  target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM"))
@@ -159,8 +159,7 @@ def measure(case: Case) -> dict:
         loss = res.loss
         del res
         loss.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
+        grads = step_gradients(model, masks)
         out["grad_bytes"] = sum(g.numel() * g.element_size() for g in grads)
         out["base_grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for n, p in model.named_parameters()
                                      if p.grad is not None and "lora_" not in n)

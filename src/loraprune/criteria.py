@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .arch import LayerSpec, layer_modules
+from .config import LORA_PROJECTIONS
 
 
 def module_unit_sums(spec: LayerSpec, name: str, elem: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,7 +99,7 @@ class LoraCriterion:
     needs_backward = True
 
     def __init__(self, importance: str = "squared", projections: str = "all"):
-        if projections not in ("all", "rows"):
+        if projections not in LORA_PROJECTIONS:
             raise ValueError(f"unknown projections {projections!r}")
         self.importance, self.projections = importance, projections
 

@@ -230,3 +230,17 @@ def _bool(n: int, idx: list[int]) -> torch.Tensor:
     t = torch.zeros(n, dtype=torch.bool)
     t[torch.tensor(idx, dtype=torch.long)] = True
     return t
+
+
+def step_gradients(model, masks: MaskSet) -> list[torch.Tensor]:
+    """Every gradient a backward pass left: the model's parameters (LoRA; base weights while the
+    taylor baseline scores) and the mask gates (mask-taylor)."""
+    return ([p.grad for p in model.parameters() if p.grad is not None]
+            + [g.grad for g in masks.gate_parameters() if g.grad is not None])
+
+
+def clear_grads(model, masks: MaskSet) -> None:
+    """Drop what step_gradients returns."""
+    model.zero_grad(set_to_none=True)
+    for g in masks.gate_parameters():
+        g.grad = None

@@ -29,7 +29,7 @@ from .criteria import build_criterion
 from .element_prune import build_element_pruner, oneshot_element_scores
 from .dist import Dist, check_batch, init_from_env, mask_checksum
 from .errors import UserError
-from .masks import MaskSet
+from .masks import MaskSet, clear_grads, step_gradients
 from .models import load_model, load_tokenizer
 from .outdir import check_out_dir
 from .ppl import perplexity
@@ -219,7 +219,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
     hooks.phase("pruning")
     if cfg.schedule == "oneshot" and (do_prune or epruner is not None) and state is None:
         if do_prune:
-            oneshot_scores(model, pruner, stream, cfg, d, trainable)
+            oneshot_scores(model, pruner, stream, cfg, d)
             pruner.apply_ratio(cfg.ratio, 0)
         if epruner is not None:  # after the units: N:M blocks are formed over the kept columns
             stream = data_mod.SequenceStream(seqs, cfg.batch_size, cfg.seed)
@@ -327,20 +327,12 @@ def averaged_step(model, stream, cfg: PruneConfig, d: Dist, masks) -> float:
     parameters (LoRA, and base weights while the taylor baseline scores), the mask-gate gradients
     (mask-taylor) and the loss. A no-op average in one process."""
     loss = train_step(model, stream, cfg, d)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grads += [g.grad for g in masks.gate_parameters() if g.grad is not None]
     loss_t = torch.tensor([loss])
-    d.average(grads + [loss_t])
+    d.average(step_gradients(model, masks) + [loss_t])
     return float(loss_t)
 
 
-def clear_grads(model, masks) -> None:
-    model.zero_grad(set_to_none=True)
-    for g in masks.gate_parameters():
-        g.grad = None
-
-
-def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist, trainable) -> None:
+def oneshot_scores(model, pruner: Pruner, stream, cfg: PruneConfig, d: Dist) -> None:
     """Score on calibration batches (gradients discarded afterwards), for the oneshot schedule. The
     scores are the plain mean over the batches (an EMA would weight the first batch most)."""
     ema = pruner.ema
