@@ -1,14 +1,39 @@
-"""Shared fixtures: tiny seeded LLaMA/Mistral/Qwen2 models and a tiny local tokenizer."""
+"""Shared fixtures: tiny seeded LLaMA/Mistral/Qwen2 models and a tiny local tokenizer.
+
+The suite must not depend on the machine it runs on: no network (the hub is off for this process
+and every subprocess it starts), no user caches (the converted embedded model, the zero-shot data
+and the datasets/hub caches live in a fresh directory per session, removed at the end), one torch
+thread, and no `LORAPRUNE_FAULTS` unless a test sets it.
+"""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_SESSION_CACHE = tempfile.mkdtemp(prefix="loraprune-test-cache-")
+os.environ.update({
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "LORAPRUNE_CACHE": os.path.join(_SESSION_CACHE, "loraprune"), "HF_HOME": os.path.join(_SESSION_CACHE, "hf"),
+})
+os.environ.pop("LORAPRUNE_FAULTS", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 SAMPLE = ("Fellow citizens of the Senate and House of Representatives. The state of the union is strong. "
           "We met to consider the public good, the common defence and the general welfare of the nation. ")

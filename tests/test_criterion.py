@@ -121,7 +121,7 @@ def test_gradient_checkpointing_gives_the_same_scores():
     for ckpt in (False, True):
         model = lora_model()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         model.train()
         backward(model)

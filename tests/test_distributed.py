@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
 from test_cli_prune import ENV, cli, tiny_args
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not inst
 
 
 def torchrun(*args, env=None, **kw):
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m",
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m",
            "loraprune", *map(str, args)]
     return subprocess.Popen(cmd, env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, **kw)
@@ -61,7 +62,7 @@ def test_odd_batch_is_a_clear_error(tiny_model_dir, text_file, tmp_path):
 def test_killed_two_process_run_resumes(tiny_model_dir, text_file, tmp_path):
     model = tiny_model_dir()
     args = tiny_args(model, text_file, tmp_path / "run", *ARGS, "--save-every", 2)
-    p = torchrun(*args, env={"LORAPRUNE_TEST_STEP_DELAY": "0.4"})
+    p = torchrun(*args, env={"LORAPRUNE_FAULTS": "delay=0.4"})
     ck = tmp_path / ".run.partial" / "checkpoints" / "step-0000004"
     t0 = time.time()
     while not ck.exists():

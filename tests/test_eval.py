@@ -224,11 +224,10 @@ def test_zeroshot_embedded_offline(monkeypatch):
         preds = [max(range(len(x["filtered_resps"])), key=lambda i: x["filtered_resps"][i][0]) for x in s]
         golds = [x["target"] for x in s]
         assert r["acc"] == pytest.approx(sum(p == g for p, g in zip(preds, golds)) / len(s))
-        # Not a constant answer: the model's choices vary, and its accuracy is not that of
-        # always answering choice k (any k that is the gold answer of some doc).
+        # Not a constant answer: the model's choices vary. (Whether its 16-doc accuracy happens to
+        # equal that of a constant answer depends on near-ties in the logits, i.e. on the CPU's
+        # kernels, so it is not asserted.)
         assert len(set(preds)) > 1
-        const = {k: sum(g == k for g in golds) / len(golds) for k in set(golds)}
-        assert all(abs(r["acc"] - c) > 1e-9 for c in const.values())
 
 
 def test_zeroshot_mean_api_for_bench(tiny_model_dir):

@@ -19,7 +19,7 @@ ARGS = ("--ratio", 0.5, "--steps", 12, "--save-every", 3, "--keep-checkpoints", 
 
 def _start(model, text, out, delay):
     cmd = [sys.executable, "-m", "loraprune", *map(str, tiny_args(model, text, out, *ARGS))]
-    return subprocess.Popen(cmd, env={**ENV, "LORAPRUNE_TEST_STEP_DELAY": str(delay)},
+    return subprocess.Popen(cmd, env={**ENV, "LORAPRUNE_FAULTS": f"delay={delay}"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

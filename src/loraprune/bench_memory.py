@@ -115,7 +115,7 @@ def measure(case: Case) -> dict:
         model = get_peft_model(model, LoraConfig(r=case.lora_r, lora_alpha=2 * case.lora_r, lora_dropout=0.0,
                                                  target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM"))
         if case.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         spec = model_spec(model.config)
         skip = parse_layers("auto", spec.num_layers)  # what `prune` does by default

@@ -29,11 +29,14 @@ class Pruner:
         self.current_ratio = 0.0
         self.history: list[dict] = []
 
-    def observe(self, model, reduce=None) -> None:
+    def observe(self, model, reduce=None, poison: bool = False) -> None:
         """Fold this step's scores into the moving average (first observation initialises it).
-        `reduce` (data parallel) averages the scores across ranks in place so masks agree."""
+        `reduce` (data parallel) averages the scores across ranks in place so masks agree.
+        `poison` (test-only fault injection, loraprune.faults) makes them NaN."""
         for i in self.masks.prunable:
             new = self.criterion.layer_scores(model, self.spec.layers[i])
+            if poison:
+                new = {k: torch.full_like(v, float("nan")) for k, v in new.items()}
             if reduce is not None:
                 reduce(list(new.values()))
             for key, val in new.items():

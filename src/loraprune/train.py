@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt_mod
+from . import faults
 from . import data as data_mod
 from .arch import TARGET_MODULES, model_spec, parse_layers
 from .config import PruneConfig
@@ -39,8 +39,6 @@ from .prepare import (check_prunable, count_params, load_eval_ids, load_training
 from .rundir import partial_dir, resolve_resume, write_outputs  # noqa: F401
 
 log = logging.getLogger(__name__)
-# Tests slow the loop down with this so that they can kill a run at a chosen point.
-_TEST_STEP_DELAY = float(os.environ.get("LORAPRUNE_TEST_STEP_DELAY", "0") or 0)
 
 
 class TrainingDiverged(RuntimeError):
@@ -162,7 +160,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
                       target_modules=TARGET_MODULES, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     masks = MaskSet(spec, prunable, uniform_heads=cfg.uniform)
     masks.attach(model)
@@ -234,12 +232,12 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             if epruner is not None and not (cfg.schedule == "iterative" and epruner.needs_scores(step)):
                 epruner.teardown(model)
             ts, tc = time.perf_counter(), time.process_time()
-            loss = averaged_step(model, stream, cfg, d, masks)
+            loss = faults.loss(averaged_step(model, stream, cfg, d, masks), step)
             if not math.isfinite(loss):
                 raise _diverged(f"loss became {loss}", step, ckpt_root, part, out)
             if cfg.schedule == "iterative" and do_prune and pruner.needs_scores(step):
                 try:
-                    pruner.observe(model, reduce=d.average)
+                    pruner.observe(model, reduce=d.average, poison=faults.scores(step))
                 except NonFiniteScores as err:
                     raise _diverged(str(err), step, ckpt_root, part, out) from None
             if cfg.schedule == "iterative" and epruner is not None and epruner.needs_scores(step):
@@ -259,8 +257,7 @@ def _run(cfg, hooks, d: Dist, model, tokenizer, spec, prunable, seqs, eval_ids, 
             losses.append(loss)
             step_times.append(time.perf_counter() - ts)
             step_cpu.append(time.process_time() - tc)  # this process's CPU: robust to other load
-            if _TEST_STEP_DELAY:
-                time.sleep(_TEST_STEP_DELAY)
+            faults.after_step()
             if hooks.on_step and d.main:
                 hooks.on_step(step, cfg.steps, {"loss": loss, "ratio": pruner.current_ratio,
                                                  "lr": sched.get_last_lr()[0]})
