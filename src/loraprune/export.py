@@ -12,8 +12,8 @@ them correctly. o_proj / down_proj biases (output side) are untouched.
 Two checkpoint kinds:
 - stock: every layer keeps the same counts and the source family's stock config accepts them
   (LLaMA needs hidden_size % heads == 0) -> a plain LlamaConfig / Qwen2Config / MistralConfig.
-- heterogeneous: `loraprune_llama` (modeling_loraprune.py, copied next to the weights; loads with
-  trust_remote_code=True, or without it after `import loraprune`).
+- heterogeneous: per-layer widths in the source family's config (modeling_loraprune.py, copied next to
+  the weights; loads with trust_remote_code=True, or with loraprune.models.load_model without it).
 The caller's model is never modified: merged weights are computed from peft's public attributes.
 """
 from __future__ import annotations
@@ -169,13 +169,13 @@ def stock_config(config, counts, head_dim: int):
 
 
 def heterogeneous_config(config, counts, head_dim: int):
-    from .modeling_loraprune import LoraPruneLlamaConfig
+    from .modeling_loraprune import CONFIGS
 
     heads, kv, ffn = (list(c) for c in zip(*counts))
-    return LoraPruneLlamaConfig(**{
-        **_base_dict(config), "source_model_type": source_family(config),
-        "num_attention_heads": max(heads), "num_key_value_heads": max(kv), "intermediate_size": max(ffn),
-        "head_dim": head_dim, "layer_num_attention_heads": heads, "layer_num_key_value_heads": kv,
+    # Top-level widths stay the source's (dense) ones: a stock config built from this config.json
+    # (AutoTokenizer does that) must pass the family's validation, e.g. hidden % heads == 0.
+    return CONFIGS[source_family(config)](**{
+        **_base_dict(config), "source_model_type": source_family(config), "head_dim": head_dim, "layer_num_attention_heads": heads, "layer_num_key_value_heads": kv,
         "layer_intermediate_size": ffn})
 
 
@@ -194,6 +194,12 @@ def compact_config(config, masks: MaskSet, uniform: bool):
     return heterogeneous_config(config, counts, head_dim)
 
 
+def is_heterogeneous(config) -> bool:
+    """Whether a config (object or config.json dict) is our per-layer-width export."""
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    return get("layer_num_attention_heads") is not None
+
+
 # ---- counting -----------------------------------------------------------------------------------
 def predicted_params(model, masks: MaskSet) -> int:
     """Parameters of the exported model predicted from the source and the masks: dense count (LoRA
@@ -210,9 +216,6 @@ def build_compact_model(model, masks: MaskSet, uniform: bool = False, element_ma
     slicing, and record the pattern as config.loraprune_sparsity (see docs/sparsity.md)."""
     from transformers import AutoModelForCausalLM
 
-    from . import register_auto_classes
-
-    register_auto_classes()
     base = unwrap(model)
     if masks.spec.num_layers != len(decoder_layers(base)):
         raise UserError("masks and model differ in layer count")
@@ -227,7 +230,12 @@ def build_compact_model(model, masks: MaskSet, uniform: bool = False, element_ma
         cfg.loraprune_sparsity = element_masks.config_entry()
     dtype = next(iter(sd.values())).dtype
     with torch.device("meta"):
-        compact = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if is_heterogeneous(cfg):
+            from .modeling_loraprune import CAUSAL_LMS
+
+            compact = CAUSAL_LMS[cfg.model_type]._from_config(cfg, dtype=dtype)
+        else:
+            compact = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     # assign=True adopts our tensors; tied lm_head/embedding share one tensor either way.
     missing, unexpected = compact.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
@@ -273,7 +281,7 @@ def export_compact(model, masks: MaskSet, out_dir, *, tokenizer=None, uniform: b
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     cfg = compact.config
-    heterogeneous = cfg.model_type == "loraprune_llama"
+    heterogeneous = is_heterogeneous(cfg)
     counts = layer_counts(masks)
     return {
         "params": params,

@@ -7,7 +7,13 @@ transformers, and it builds nothing but stock transformers modules:
 - `LoraPruneLlamaConfig` is the source family's config (LLaMA fields, plus whatever the source config
   carried, e.g. Qwen2's `layer_types`) with per-layer lists `layer_num_attention_heads`,
   `layer_num_key_value_heads` and `layer_intermediate_size`. Top-level `num_attention_heads` /
-  `num_key_value_heads` / `intermediate_size` hold the largest per-layer value; `head_dim` is explicit.
+  `num_key_value_heads` / `intermediate_size` keep the source (dense) model's values, so that the
+  family's stock config accepts config.json; `head_dim` is explicit.
+- `model_type` is the source family's (llama, mistral, qwen2; one config/model class pair each), so
+  tools that only read the config, above all `AutoTokenizer.from_pretrained(dir)` (which loads
+  `config.json` first), take the stock config class and need no remote code: the tokenizer is stock.
+  The model itself needs these classes: `auto_map` names them (trust_remote_code=True), and a stock
+  LlamaForCausalLM refuses the weights (size mismatch) rather than loading them wrongly.
 - Layer i is a stock `LlamaDecoderLayer` (`Qwen2DecoderLayer` / `MistralDecoderLayer` for those
   sources) built from a view of the config in which the three widths are layer i's.
 - Everything else (embedding, rotary, norms, masks, cache, forward, generate) is the stock model's.
@@ -29,7 +35,7 @@ PER_LAYER = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 @strict(accept_kwargs=True)  # accept_kwargs: keep source-family fields (e.g. Qwen2 layer_types)
 class LoraPruneLlamaConfig(LlamaConfig):
-    model_type = "loraprune_llama"
+    model_type = "llama"
 
     source_model_type: str = "llama"  # llama, mistral or qwen2: which stock decoder layer to build
     layer_num_attention_heads: list[int] | None = None
@@ -138,6 +144,43 @@ class LoraPruneLlamaForCausalLM(LlamaForCausalLM):
         self.post_init()
 
 
+# One (config, model) class pair per model_type: a config class's model_type must equal the one in
+# config.json, or transformers warns that it instantiates one type from another.
+@strict(accept_kwargs=True)
+class LoraPruneMistralConfig(LoraPruneLlamaConfig):
+    model_type = "mistral"
+
+
+@strict(accept_kwargs=True)
+class LoraPruneQwen2Config(LoraPruneLlamaConfig):
+    model_type = "qwen2"
+
+
+@strict(accept_kwargs=True)
+class LoraPruneLegacyConfig(LoraPruneLlamaConfig):
+    """Exports written before loraprune 0.2 said model_type `loraprune_llama` (read, never written)."""
+    model_type = "loraprune_llama"
+
+
+class LoraPruneMistralForCausalLM(LoraPruneLlamaForCausalLM):
+    config_class = LoraPruneMistralConfig
+
+
+class LoraPruneQwen2ForCausalLM(LoraPruneLlamaForCausalLM):
+    config_class = LoraPruneQwen2Config
+
+
+class LoraPruneLegacyForCausalLM(LoraPruneLlamaForCausalLM):
+    config_class = LoraPruneLegacyConfig
+
+
+CONFIGS = {"llama": LoraPruneLlamaConfig, "mistral": LoraPruneMistralConfig, "qwen2": LoraPruneQwen2Config,
+           "loraprune_llama": LoraPruneLegacyConfig}
+CAUSAL_LMS = {"llama": LoraPruneLlamaForCausalLM, "mistral": LoraPruneMistralForCausalLM,
+              "qwen2": LoraPruneQwen2ForCausalLM, "loraprune_llama": LoraPruneLegacyForCausalLM}
+
 # Saving writes auto_map into config.json and copies this file next to the weights.
-LoraPruneLlamaConfig.register_for_auto_class()
-LoraPruneLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _cls in CONFIGS.values():
+    _cls.register_for_auto_class()
+for _cls in CAUSAL_LMS.values():
+    _cls.register_for_auto_class("AutoModelForCausalLM")

@@ -118,18 +118,41 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     return tok
 
 
+def _export_class(path: str):
+    """Our model class for a local heterogeneous export (per-layer widths in config.json), else None."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # from_pretrained reports it
+    if not isinstance(cfg, dict) or cfg.get("layer_num_attention_heads") is None:
+        return None
+    from .modeling_loraprune import CAUSAL_LMS
+
+    return CAUSAL_LMS.get(cfg.get("model_type"))
+
+
 def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = False,
                device: str | torch.device = "cpu"):
     """Load a causal LM. Weights come from safetensors via from_pretrained; no foreign code runs
-    unless the caller passes trust_remote_code=True (our own exported classes are registered by
-    importing loraprune, so they need no remote code)."""
+    unless the caller passes trust_remote_code=True. Our own heterogeneous exports are built with
+    the classes of the installed loraprune (the copy of modeling_loraprune.py next to their weights
+    is for users without loraprune), so they need no remote code."""
     from transformers import AutoModelForCausalLM
+
+    from . import register_auto_classes
 
     path = resolve_model_path(name)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    register_auto_classes()  # exports of loraprune < 0.2 (model_type loraprune_llama)
+    loader = _export_class(path) or AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = loader.from_pretrained(
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None)
     except OSError as err:
         if Path(path).is_dir():
