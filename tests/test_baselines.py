@@ -6,11 +6,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_model
-from loraprune.arch import TARGET_MODULES, layer_modules, model_spec
-from loraprune.baselines import BASELINES, build, merged_weight
-from loraprune.criteria import build_criterion, lora_parts, module_unit_sums, unit_sums
-from loraprune.masks import MaskSet
-from loraprune.pruner import Pruner
+from loraprune.core.arch import TARGET_MODULES, layer_modules, model_spec
+from loraprune.core.criteria import UNIT_CRITERIA
+from loraprune.core.criteria import build_criterion as build
+from loraprune.core.lora import merged_weight
+
+BASELINES = tuple(n for n in UNIT_CRITERIA if n != "lora")
+from loraprune.core.criteria import build_criterion
+from loraprune.core.lora import lora_parts
+from loraprune.core.units import module_unit_sums, unit_sums
+from loraprune.core.masks import MaskSet
+from loraprune.core.pruning import UnitPruning
+from loraprune.core.schedule import Ramp
 
 
 def setup_model(criterion, family="llama", dtype=torch.float32, seed=0, **kw):
@@ -129,7 +136,7 @@ def test_mask_taylor_predicts_the_loss_change_of_removing_units():
 def test_mask_taylor_group_score_counts_only_kept_heads():
     model, spec, masks, crit = setup_model("mask-taylor", dtype=torch.float64)
     masks.layers[0].heads[1] = False          # KV group 0 keeps only head 0
-    masks._sync_gates(0)
+    masks.sync_gates(0)
     loss_of(model, batch(model)).backward()
     g = masks.head_gates[0].grad.clone()
     s = crit.layer_scores(model, spec.layers[0])
@@ -155,7 +162,8 @@ def test_taylor_matches_explicit_weight_gradient_loop():
            "ffn": torch.zeros(24, dtype=torch.float64)}
     merged = {}
     for n, m in mods.items():
-        W, A, B, sc = lora_parts(m)
+        _p = lora_parts(m)
+        W, A, B, sc = _p.weight, _p.A, _p.B, _p.scaling
         merged[n] = (W + sc * B @ A).detach().double()
     imp = {n: (merged[n] * grads[n].double()).abs() for n in mods}
     for h in range(4):
@@ -196,7 +204,7 @@ def test_magnitude_is_squared_norm_of_owned_merged_weights():
 def test_activation_matches_explicit_wanda_sum():
     model, spec, masks, crit = setup_model("activation")
     masks.layers[1].ffn[[3, 4]] = False  # masked channels: zero input to down_proj
-    masks._sync_gates(1)
+    masks.sync_gates(1)
     s = spec.layers[1]
     mods = layer_modules(model, 1)
     seen = {n: [] for n in mods}
@@ -238,7 +246,7 @@ def test_activation_matches_explicit_wanda_sum():
     crit.teardown(model)
     with torch.no_grad():
         model(input_ids=batch(model))
-    assert crit._sq == {}
+    assert crit.inputs.sq == {}
 
 
 def test_random_is_seeded_and_fixed_per_layer():
@@ -256,8 +264,8 @@ def test_random_is_seeded_and_fixed_per_layer():
 @pytest.mark.parametrize("name", ["lora", *BASELINES])
 def test_only_taylor_creates_base_weight_gradients(name):
     model, spec, masks, crit = setup_model(name, family="qwen2")
-    pruner = Pruner(spec, masks, crit, ratio=0.5, targets=["heads", "ffn"], total_steps=3, prune_every=1,
-                    warmup_frac=0.0, cooldown_frac=0.0)
+    pruner = UnitPruning(masks, crit, Ramp(3, prune_every=1, warmup_frac=0.0, cooldown_frac=0.0), ratio=0.5,
+                         targets=["heads", "ffn"])
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
     optim = torch.optim.AdamW(trainable, lr=1e-3)
     ever = set()
@@ -267,7 +275,7 @@ def test_only_taylor_creates_base_weight_gradients(name):
         pruner.observe(model)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        pruner.maybe_update(step)
+        pruner.maybe_update(model, step)
         # nothing is left behind for the next step: the optimizer only clears LoRA grads
         assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n), name
         assert all(g.grad is None for g in masks.gate_parameters()), name
@@ -303,18 +311,14 @@ class _Counting:
 
 
 def test_oneshot_scores_are_the_mean_of_the_calibration_batches():
-    from loraprune.config import PruneConfig
     from loraprune.data import SequenceStream
-    from loraprune.dist import Dist
-    from loraprune.train import oneshot_scores
 
     model = tiny_model(layers=1)
     spec = model_spec(model.config)
     masks = MaskSet(spec)
-    pruner = Pruner(spec, masks, _Counting(), ratio=0.5, targets=["ffn"], total_steps=4, ema=0.9)
-    seqs = torch.randint(0, 300, (8, 8))
-    cfg = PruneConfig(calib_batches=4, seq_len=8, batch_size=2)
-    oneshot_scores(model, pruner, SequenceStream(seqs, 2, 0), cfg, Dist())
+    pruner = UnitPruning(masks, _Counting(), Ramp(4), ratio=0.5, targets=["ffn"], ema=0.9, iterative=False)
+    stream = SequenceStream(torch.randint(0, 300, (8, 8)), 2, 0)
+    pruner.calibrate(model, lambda: model(input_ids=stream.next_batch()), 4)
     assert torch.allclose(pruner.scores[0]["ffn"], torch.full((96,), 2.5))  # mean of 1..4, not an EMA
     assert pruner.ema == 0.9
 
@@ -322,9 +326,9 @@ def test_oneshot_scores_are_the_mean_of_the_calibration_batches():
 def test_taylor_gradients_are_switched_off_when_scoring_ends(tiny_model_dir, text_file, tmp_path, monkeypatch):
     """In a real run the base weights stop requiring grad after the ramp (iterative) or after
     calibration (oneshot), so recovery steps cost what plain LoRA steps cost."""
-    from loraprune import baselines
-    from loraprune.config import PruneConfig
-    from loraprune.train import prune
+    from loraprune.core.criteria import gradient as baselines
+    from loraprune.core.config import PruneConfig
+    from loraprune.run import prune
 
     seen = []
     orig = baselines.TaylorCriterion.teardown

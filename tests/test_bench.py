@@ -101,8 +101,8 @@ def test_bench_refuses_non_empty_out(tiny_model_dir, text_file, tmp_path):
 def test_oneshot_works_for_every_criterion(criterion, tiny_model_dir, text_file, tmp_path):
     import torch
 
-    from loraprune.config import PruneConfig
-    from loraprune.train import prune
+    from loraprune.core.config import PruneConfig
+    from loraprune.run import prune
 
     torch.set_num_threads(1)
     cfg = PruneConfig(model=str(tiny_model_dir()), data=str(text_file), eval_windows=0, seq_len=32, batch_size=2,

@@ -38,6 +38,7 @@ def test_tiny_prune_run_writes_consistent_outputs(tiny_model_dir, text_file, tmp
     assert rep["params_pruned"] == rep["params_dense"] - removed
     assert rep["achieved_unit_ratio"] == pytest.approx(0.5)
     assert len(rep["losses"]) == 6 and all(x > 0 for x in rep["losses"])
+    assert rep["loss_parts"]["ce"] == pytest.approx(rep["losses"], rel=1e-6)  # the objective's parts, per step
     assert rep["eval"]["dense"]["windows"] == 2 and rep["eval"]["pruned"]["ppl"] > 0
     masks = json.loads((out / "masks.json").read_text())
     assert [len(l["ffn_kept"]) for l in masks["layers"]] == [48, 48]

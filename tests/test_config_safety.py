@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from loraprune.config import PruneConfig
+from loraprune.core.config import PruneConfig
 from loraprune.errors import UserError
 from test_cli_prune import cli, tiny_args
 

@@ -5,9 +5,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_model
-from loraprune.arch import TARGET_MODULES, layer_modules, model_spec
-from loraprune.criteria import LoraCriterion, lora_element_importance, lora_parts, unit_sums
-from loraprune.masks import MaskSet
+from loraprune.core.arch import TARGET_MODULES, layer_modules, model_spec
+from loraprune.core.criteria.gradient import LoraCriterion, lora_element_importance
+from loraprune.core.lora import lora_parts
+from loraprune.core.units import unit_sums
+from loraprune.core.masks import MaskSet
 
 
 def lora_model(family="llama", seed=0, **kw):
@@ -33,9 +35,10 @@ def backward(model, seed=0):
 def reference_importance(mod, mode):
     """Slow and explicit: take the actual step A <- A - G_A, B <- B - G_B and read off how much the
     merged weight moved; then loop over elements."""
-    W, A, B, s = lora_parts(mod)
+    _p = lora_parts(mod)
+    W, A, B, s = _p.weight, _p.A, _p.B, _p.scaling
     W, A, B = W.detach().double(), A.detach().double(), B.detach().double()
-    gA, gB = lora_parts(mod)[1].grad.double(), lora_parts(mod)[2].grad.double()
+    gA, gB = _p.A.grad.double(), _p.B.grad.double()
     merged = W + s * B @ A
     moved = W + s * (B - gB) @ (A - gA)
     g_hat = merged - moved
@@ -85,7 +88,7 @@ def test_criterion_scores_every_kept_unit():
     masks = MaskSet(spec)
     masks.layers[0].heads[3] = False
     masks.layers[0].ffn[5] = False
-    masks._sync_gates(0)
+    masks.sync_gates(0)
     masks.attach(model)
     backward(model)
     scores = LoraCriterion("squared").layer_scores(model, spec.layers[0])
@@ -97,18 +100,19 @@ def test_criterion_scores_every_kept_unit():
 
 
 def test_frozen_base_weights_never_get_grad():
-    from loraprune.pruner import Pruner
+    from loraprune.core.pruning import UnitPruning
+    from loraprune.core.schedule import Ramp
 
     model = lora_model("qwen2")
     spec = model_spec(model.config)
     masks = MaskSet(spec)
     masks.attach(model)
-    pruner = Pruner(spec, masks, LoraCriterion(), ratio=0.5, targets=["heads", "ffn"], total_steps=2,
-                    prune_every=1, warmup_frac=0.0, cooldown_frac=0.0)
+    pruner = UnitPruning(masks, LoraCriterion(), Ramp(2, prune_every=1, warmup_frac=0.0, cooldown_frac=0.0),
+                         ratio=0.5, targets=["heads", "ffn"])
     for step in (1, 2):
         backward(model, seed=step)
         pruner.observe(model)
-        pruner.maybe_update(step)
+        pruner.maybe_update(model, step)
         model.zero_grad(set_to_none=True)
     for n, p in model.named_parameters():
         if "lora_" not in n:
@@ -159,9 +163,9 @@ def test_lora_projections_flag_reaches_the_run(tiny_model_dir, text_file, tmp_pa
     """--lora-projections is used by the criterion of a real run and saved with its config."""
     import json
 
-    from loraprune import criteria
-    from loraprune.config import PruneConfig
-    from loraprune.train import prune
+    from loraprune.core.criteria import gradient as criteria
+    from loraprune.core.config import PruneConfig
+    from loraprune.run import prune
 
     seen = set()
     orig = criteria.LoraCriterion.layer_scores

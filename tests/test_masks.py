@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from loraprune.arch import LayerSpec, ModelSpec, layer_modules, model_spec, parse_layers
+from loraprune.core.arch import LayerSpec, ModelSpec, layer_modules, model_spec, parse_layers
 from loraprune.errors import UserError
-from loraprune.masks import MaskSet, ffn_keep, final_head_shapes, n_removed
-from loraprune.pruner import Pruner
+from loraprune.core.masks import MaskSet, ffn_keep, final_head_shapes, n_removed
+from loraprune.core.pruning import UnitPruning
+from loraprune.core.schedule import Ramp
 
 
 def ids(vocab, seed=0):
@@ -23,7 +24,7 @@ def test_masked_units_contribute_nothing(family):
     m.kv[1] = False          # ... so the KV head goes too
     m.heads[6] = False
     m.ffn[[0, 7, 50]] = False
-    masks._sync_gates(1)
+    masks.sync_gates(1)
     masks.attach(model)
     x = ids(model.config.vocab_size)
     with torch.no_grad():
@@ -84,17 +85,17 @@ class RandomScores:
 def test_final_ratio_is_reached_exactly_and_masks_only_shrink(ratio, heads, kv, steps, seed):
     spec = _spec(heads=heads, kv=kv)
     masks = MaskSet(spec, prunable=[1, 2])
-    pr = Pruner(spec, masks, RandomScores(seed), ratio=ratio, targets=["heads", "ffn"], total_steps=steps,
-                prune_every=2, warmup_frac=0.1, cooldown_frac=0.2)
+    pr = UnitPruning(masks, RandomScores(seed), Ramp(steps, prune_every=2, warmup_frac=0.1, cooldown_frac=0.2),
+                     ratio=ratio, targets=["heads", "ffn"])
     prev = [masks.layers[i].ffn.clone() for i in range(4)], [masks.layers[i].heads.clone() for i in range(4)]
     for step in range(1, steps + 1):
         pr.observe(None)
-        pr.maybe_update(step)
+        pr.maybe_update(None, step)
         for i in range(4):
             assert not (masks.layers[i].ffn & ~prev[0][i]).any(), "a pruned channel came back"
             assert not (masks.layers[i].heads & ~prev[1][i]).any(), "a pruned head came back"
             prev[0][i], prev[1][i] = masks.layers[i].ffn.clone(), masks.layers[i].heads.clone()
-    pr.finalize(steps)
+    pr.finalize(None, steps)
     a, b = final_head_shapes(spec.layers[1], ratio)[0]
     for i in range(4):
         got = masks.kept_counts(i)

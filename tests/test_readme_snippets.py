@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from loraprune.arch import model_spec
-from loraprune.export import export_compact
+from loraprune.core.arch import model_spec
+from loraprune.export.compact import export_compact
 from test_export import random_masks
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -1,6 +1,6 @@
 import pytest
 
-from loraprune.schedule import is_update_step, ramp_bounds, ratio_at
+from loraprune.core.schedule import is_update_step, ramp_bounds, ratio_at
 
 
 def test_cubic_ramp_values():

@@ -10,14 +10,19 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_model
-from loraprune.arch import TARGET_MODULES, layer_modules, model_spec
-from loraprune.config import PruneConfig
-from loraprune.criteria import lora_parts
-from loraprune.element_prune import ElementPruner, LoraElementScorer, WandaElementScorer
+from loraprune.core.arch import TARGET_MODULES, layer_modules, model_spec
+from loraprune.core.config import PruneConfig
+from loraprune.core.lora import lora_parts
+from loraprune.core.criteria.element import ElementScorer, LoraElementScorer, WandaElementScorer
+from loraprune.core.element_pruning import ElementPruning
+from loraprune.core.schedule import Ramp
 from loraprune.errors import UserError
-from loraprune.masked_lora import MaskedMergedLinear, attach
-from loraprune.masks import MaskSet
-from loraprune.sparsity import ElementMasks, n_removed, parse_pattern, prune_selection, structural_keep
+from loraprune.core.masked_lora import MaskedMergedLinear, attach
+from loraprune.core.masks import MaskSet
+from loraprune.core.element_masks import ElementMasks, structural_keep
+from loraprune.core.masks import n_removed
+from loraprune.core.patterns import parse_pattern
+from loraprune.core.selection import prune_selection
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -107,7 +112,7 @@ def test_unstructured_selection_module_and_row():
         assert set((~got[r]).nonzero().flatten().tolist()) == set(lowest.tolist())
 
 
-class RandomScorer:
+class RandomScorer(ElementScorer):
     """Fresh random scores at every update (the worst case for monotonicity)."""
     name, needs_backward, group = "random", False, "module"
 
@@ -128,7 +133,7 @@ def test_schedule_reaches_final_pattern_exactly_and_only_shrinks(pattern, total,
     em = ElementMasks.for_model(model, 2, p)
     sc = RandomScorer()
     sc.shape = {k: v.shape for k, v in em.keep.items()}
-    pr = ElementPruner(em, sc, total_steps=total, prune_every=every, warmup_frac=0.1, cooldown_frac=0.2)
+    pr = ElementPruning(em, sc, Ramp(total, prune_every=every, warmup_frac=0.1, cooldown_frac=0.2))
     prev = {k: v.clone() for k, v in em.keep.items()}
     levels = []
     for step in range(1, total + 1):
@@ -187,7 +192,7 @@ def test_masked_lora_function_gradients_equal_autograd(bias):
 
 @pytest.mark.parametrize("pattern,ratio", [("2:4", 0.0), ("unstructured", 0.0), ("2:4", 0.5), ("unstructured", 0.5)])
 def test_masked_training_forward_equals_exported_forward(pattern, ratio):
-    from loraprune.export import build_compact_model
+    from loraprune.export.compact import build_compact_model
 
     model = lora_model(seed=2)
     spec = model_spec(model.config)
@@ -221,7 +226,8 @@ def test_masked_weights_get_no_gradient_and_training_keeps_zeros():
     model(input_ids=ids, labels=ids).loss.backward()
     for (i, name), keep in em.keep.items():
         mod = layer_modules(model, i)[name]
-        W, A, B, s = lora_parts(mod)
+        _p = lora_parts(mod)
+        W, A, B, s = _p.weight, _p.A, _p.B, _p.scaling
         # every masked module still trains its LoRA factors (their values are checked against
         # autograd in test_masked_lora_function_gradients_equal_autograd)
         assert A.grad is not None and B.grad is not None
@@ -229,7 +235,8 @@ def test_masked_weights_get_no_gradient_and_training_keeps_zeros():
     # a masked weight's merged value can be anything: the forward still sees zero
     mod = layer_modules(model, 0)["q_proj"]
     x = torch.randn(3, mod.in_features)
-    W, A, B, s = lora_parts(mod)
+    _p = lora_parts(mod)
+    W, A, B, s = _p.weight, _p.A, _p.B, _p.scaling
     ref = reference_masked_linear(x, W, None, A, B, em.keep[(0, "q_proj")], s)
     assert torch.allclose(mod(x), ref, atol=1e-6)
 
@@ -255,7 +262,8 @@ def test_masked_lora_under_bf16_autocast():
 # ---- criteria ---------------------------------------------------------------------------------------
 def slow_lora_importance(mod):
     """Take the actual LoRA step A <- A - G_A, B <- B - G_B; the merged weight moves by G^; loop."""
-    W, A, B, s = lora_parts(mod)
+    _p = lora_parts(mod)
+    W, A, B, s = _p.weight, _p.A, _p.B, _p.scaling
     W, Ad, Bd = W.detach().double(), A.detach().double(), B.detach().double()
     gA, gB = A.grad.double(), B.grad.double()
     merged = W + s * Bd @ Ad
@@ -306,7 +314,8 @@ def test_wanda_scores_and_selection_equal_explicit_computation():
     p = parse_pattern("2:4")
     for key in keys:
         mod = layer_modules(model, key[0])[key[1]]
-        W, A, B, s = lora_parts(mod)
+        _p = lora_parts(mod)
+        W, A, B, s = _p.weight, _p.A, _p.B, _p.scaling
         X = torch.cat(seen[key]).double()                                   # [tokens, in]
         want = torch.zeros(W.shape, dtype=torch.float64)
         for o in range(W.shape[0]):
@@ -356,8 +365,8 @@ def test_prune_export_pattern_holds_after_merge(pattern, ratio, criterion, sched
                                                tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from loraprune.sparse_verify import verify_sparsity
-    from loraprune.train import prune
+    from loraprune.export.verify import verify_sparsity
+    from loraprune.run import prune
 
     out = tmp_path / "run"
     rep = prune(tiny_cfg(tiny_model_dir(), text_file, out, pattern=pattern, ratio=ratio, criterion=criterion,
@@ -374,8 +383,8 @@ def test_prune_export_pattern_holds_after_merge(pattern, ratio, criterion, sched
     if ratio:
         assert all(l["ffn"] == 48 and l["heads"] == 4 for l in rep["layers"])
     # the report's pruned PPL (masked model in training) is the exported model's PPL
-    from loraprune.ppl import perplexity
-    from loraprune.train import load_eval_ids
+    from loraprune.eval.ppl import perplexity
+    from loraprune.run.prepare import load_eval_ids
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -388,9 +397,9 @@ def test_prune_export_pattern_holds_after_merge(pattern, ratio, criterion, sched
 
 
 def test_oneshot_without_recovery_and_export_command(tiny_model_dir, text_file, tmp_path):
-    from loraprune.commands.export import export_run
-    from loraprune.sparse_verify import verify_sparsity
-    from loraprune.train import prune
+    from loraprune.export.from_run import export_run
+    from loraprune.export.verify import verify_sparsity
+    from loraprune.run import prune
 
     out = tmp_path / "run"
     rep = prune(tiny_cfg(tiny_model_dir(), text_file, out, pattern="2:4", criterion="wanda", schedule="oneshot",
@@ -471,7 +480,7 @@ def test_cli_prune_and_verify_sparsity(tiny_model_dir, text_file, tmp_path):
 def test_fast_selection_equals_sort_reference():
     """kthvalue-based unstructured selection (with previously pruned entries preferred) against the
     argsort reference `lowest`, with many ties."""
-    from loraprune.sparsity import lowest
+    from loraprune.core.selection import lowest
 
     g = torch.Generator().manual_seed(7)
     p = parse_pattern("unstructured", 0.5)
@@ -488,7 +497,7 @@ def test_fast_selection_equals_sort_reference():
 
 
 def test_interrupted_sparse_run_resumes_to_the_same_result(tiny_model_dir, text_file, tmp_path):
-    from loraprune.train import Hooks, prune
+    from loraprune.run import Hooks, prune
     from safetensors.torch import load_file
 
     model = tiny_model_dir()

@@ -46,7 +46,7 @@ def lora_smollm2(r: int, alpha: float):
     """(peft model, ModelSpec, pruned layer indices under the default skip)."""
     from peft import LoraConfig, get_peft_model
 
-    from loraprune.arch import TARGET_MODULES, model_spec, parse_layers
+    from loraprune.core.arch import TARGET_MODULES, model_spec, parse_layers
     from loraprune.models import load_model
 
     torch.manual_seed(0)

@@ -35,8 +35,8 @@ def main():
     ap.add_argument("--ffn-sample", type=int, default=48)
     ap.add_argument("--criteria", default="lora,lora:abs-norm,mask-taylor,taylor,magnitude,activation,random",
                     help="names; lora:abs-norm = the lora criterion with --importance abs-norm")
-    from loraprune.criteria import build_criterion
-    from loraprune.masks import MaskSet, clear_grads
+    from loraprune.core.criteria import build_criterion
+    from loraprune.core.masks import MaskSet, clear_grads
 
     t0 = time.time()
     args, _, stream, calib = parse_and_calibrate(ap)

@@ -38,9 +38,11 @@ def main():
     ap.add_argument("--train-steps", default="0,10,40", help="measure after these many LoRA steps")
     ap.add_argument("--lr", type=float, default=3e-4)
     from loraprune import data as data_mod
-    from loraprune.arch import layer_modules
-    from loraprune.baselines import base_linear, merged_weight
-    from loraprune.criteria import ROW_PROJECTIONS, lora_element_importance, module_unit_sums
+    from loraprune.core.arch import layer_modules
+    from loraprune.core.arch import ROW_PROJECTIONS
+    from loraprune.core.criteria.gradient import lora_element_importance
+    from loraprune.core.lora import base_linear, merged_weight
+    from loraprune.core.units import module_unit_sums
 
     t0 = time.time()
     args, seqs, _, calib = parse_and_calibrate(ap)

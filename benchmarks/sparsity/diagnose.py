@@ -28,8 +28,8 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
 
     from loraprune import data as data_mod
-    from loraprune.arch import TARGET_MODULES, layer_modules
-    from loraprune.criteria import lora_parts
+    from loraprune.core.arch import TARGET_MODULES, layer_modules
+    from loraprune.core.lora import lora_parts
     from loraprune.models import load_model, load_tokenizer
 
     ap = argparse.ArgumentParser()
@@ -61,7 +61,8 @@ def main() -> None:
         out = {"elements": {}, "ffn_units": {}}
         per_layer = {}
         for (i, n), m in mods.items():
-            W, A, B, s = lora_parts(m)
+            _p = lora_parts(m)
+            W, A, B, s = _p.weight, _p.A, _p.B, _p.scaling
             with torch.no_grad():
                 merged = W + s * (B @ A)
                 g_true = W.grad.float()

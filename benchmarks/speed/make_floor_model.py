@@ -7,9 +7,9 @@ overhead of 30 decoder layers. Quality is irrelevant; this is a measuring stick.
 """
 import sys
 
-from loraprune.arch import model_spec
-from loraprune.export import export_compact
-from loraprune.masks import MaskSet
+from loraprune.core.arch import model_spec
+from loraprune.export.compact import export_compact
+from loraprune.core.masks import MaskSet
 from loraprune.models import load_model, load_tokenizer
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/speed-minimal"

@@ -14,7 +14,7 @@ def register_auto_classes() -> None:
     `loraprune.models.load_model`.)"""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling_loraprune import LoraPruneLegacyConfig, LoraPruneLegacyForCausalLM
+    from .export.modeling_loraprune import LoraPruneLegacyConfig, LoraPruneLegacyForCausalLM
 
     AutoConfig.register(LoraPruneLegacyConfig.model_type, LoraPruneLegacyConfig, exist_ok=True)
     AutoModelForCausalLM.register(LoraPruneLegacyConfig, LoraPruneLegacyForCausalLM, exist_ok=True)

