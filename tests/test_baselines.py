@@ -16,7 +16,7 @@ from loraprune.core.criteria import build_criterion
 from loraprune.core.lora import lora_parts
 from loraprune.core.units import module_unit_sums, unit_sums
 from loraprune.core.masks import MaskSet
-from loraprune.core.pruning import UnitPruning
+from loraprune.core.pruning import UnitPruning, UnitTarget
 from loraprune.core.schedule import Ramp
 
 
@@ -264,8 +264,8 @@ def test_random_is_seeded_and_fixed_per_layer():
 @pytest.mark.parametrize("name", ["lora", *BASELINES])
 def test_only_taylor_creates_base_weight_gradients(name):
     model, spec, masks, crit = setup_model(name, family="qwen2")
-    pruner = UnitPruning(masks, crit, Ramp(3, prune_every=1, warmup_frac=0.0, cooldown_frac=0.0), ratio=0.5,
-                         targets=["heads", "ffn"])
+    pruner = UnitPruning(masks, crit, Ramp(3, prune_every=1, warmup_frac=0.0, cooldown_frac=0.0),
+                         UnitTarget(0.5, ("heads", "ffn")))
     trainable = [p for n, p in model.named_parameters() if "lora_" in n]
     optim = torch.optim.AdamW(trainable, lr=1e-3)
     ever = set()
@@ -316,7 +316,7 @@ def test_oneshot_scores_are_the_mean_of_the_calibration_batches():
     model = tiny_model(layers=1)
     spec = model_spec(model.config)
     masks = MaskSet(spec)
-    pruner = UnitPruning(masks, _Counting(), Ramp(4), ratio=0.5, targets=["ffn"], ema=0.9, iterative=False)
+    pruner = UnitPruning(masks, _Counting(), Ramp(4), UnitTarget(0.5, ("ffn",)), ema=0.9, iterative=False)
     stream = SequenceStream(torch.randint(0, 300, (8, 8)), 2, 0)
     pruner.calibrate(model, lambda: model(input_ids=stream.next_batch()), 4)
     assert torch.allclose(pruner.scores[0]["ffn"], torch.full((96,), 2.5))  # mean of 1..4, not an EMA

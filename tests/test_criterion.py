@@ -100,7 +100,7 @@ def test_criterion_scores_every_kept_unit():
 
 
 def test_frozen_base_weights_never_get_grad():
-    from loraprune.core.pruning import UnitPruning
+    from loraprune.core.pruning import UnitPruning, UnitTarget
     from loraprune.core.schedule import Ramp
 
     model = lora_model("qwen2")
@@ -108,7 +108,7 @@ def test_frozen_base_weights_never_get_grad():
     masks = MaskSet(spec)
     masks.attach(model)
     pruner = UnitPruning(masks, LoraCriterion(), Ramp(2, prune_every=1, warmup_frac=0.0, cooldown_frac=0.0),
-                         ratio=0.5, targets=["heads", "ffn"])
+                         UnitTarget(0.5, ("heads", "ffn")))
     for step in (1, 2):
         backward(model, seed=step)
         pruner.observe(model)

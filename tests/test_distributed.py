@@ -53,6 +53,19 @@ def test_two_processes_match_one(tiny_model_dir, text_file, tmp_path):
     assert r1["losses"] == pytest.approx(rep["losses"], rel=1e-5)
 
 
+def test_two_processes_match_one_with_distillation_and_global_allocation(tiny_model_dir, text_file, tmp_path):
+    model = tiny_model_dir()
+    extra = ("--distill-alpha", 0.5, "--distill-temp", 2, "--allocation", "global")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli(*tiny_args(model, text_file, one, *ARGS, *extra)).returncode == 0
+    p = torchrun(*tiny_args(model, text_file, two, *ARGS, *extra))
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    _compare(one, two)
+    r1, r2 = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert r1["loss_parts"]["kl"] == pytest.approx(r2["loss_parts"]["kl"], rel=1e-4, abs=1e-7)
+
+
 def test_odd_batch_is_a_clear_error(tiny_model_dir, text_file, tmp_path):
     p = torchrun(*tiny_args(tiny_model_dir(), text_file, tmp_path / "o", *ARGS[:-4], "--batch-size", 3))
     _, err = p.communicate(timeout=300)

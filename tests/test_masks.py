@@ -6,7 +6,7 @@ from conftest import tiny_model
 from loraprune.core.arch import LayerSpec, ModelSpec, layer_modules, model_spec, parse_layers
 from loraprune.errors import UserError
 from loraprune.core.masks import MaskSet, ffn_keep, final_head_shapes, n_removed
-from loraprune.core.pruning import UnitPruning
+from loraprune.core.pruning import UnitPruning, UnitTarget
 from loraprune.core.schedule import Ramp
 
 
@@ -86,7 +86,7 @@ def test_final_ratio_is_reached_exactly_and_masks_only_shrink(ratio, heads, kv, 
     spec = _spec(heads=heads, kv=kv)
     masks = MaskSet(spec, prunable=[1, 2])
     pr = UnitPruning(masks, RandomScores(seed), Ramp(steps, prune_every=2, warmup_frac=0.1, cooldown_frac=0.2),
-                     ratio=ratio, targets=["heads", "ffn"])
+                     UnitTarget(ratio, ("heads", "ffn")))
     prev = [masks.layers[i].ffn.clone() for i in range(4)], [masks.layers[i].heads.clone() for i in range(4)]
     for step in range(1, steps + 1):
         pr.observe(None)

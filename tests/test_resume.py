@@ -94,3 +94,23 @@ def test_resume_errors(tiny_model_dir, text_file, tmp_path):
     # a fresh run refuses to clobber an unfinished one
     r = cli(*tiny_args(tiny_model_dir(), text_file, tmp_path / "x"))
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_resume_with_distillation_and_global_allocation_equals_uninterrupted(tiny_model_dir, text_file, tmp_path):
+    """Bit-identical resume also with the teacher forward in every step and masks allocated across layers."""
+    model = tiny_model_dir()
+    extra = ("--distill-alpha", 0.5, "--distill-temp", 2, "--allocation", "global", "--skip-layers", "none")
+    ref = tmp_path / "ref"
+    assert cli(*tiny_args(model, text_file, ref, *ARGS, *extra)).returncode == 0
+    out, part = tmp_path / "run", tmp_path / ".run.partial"
+    cmd = [sys.executable, "-m", "loraprune", *map(str, tiny_args(model, text_file, out, *ARGS, *extra))]
+    proc = subprocess.Popen(cmd, env={**ENV, "LORAPRUNE_FAULTS": "delay=0.4"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(part, 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = cli("prune", "--resume", out, "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    _same_run(ref, out)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["allocation"]["kind"] == "global" and len(rep["loss_parts"]["kl"]) == 12

@@ -20,7 +20,7 @@ from loraprune.errors import UserError
 from loraprune.core.masked_lora import MaskedMergedLinear, attach
 from loraprune.core.masks import MaskSet
 from loraprune.core.element_masks import ElementMasks, structural_keep
-from loraprune.core.masks import n_removed
+from loraprune.core.selection import n_removed
 from loraprune.core.patterns import parse_pattern
 from loraprune.core.selection import prune_selection
 
@@ -384,11 +384,11 @@ def test_prune_export_pattern_holds_after_merge(pattern, ratio, criterion, sched
         assert all(l["ffn"] == 48 and l["heads"] == 4 for l in rep["layers"])
     # the report's pruned PPL (masked model in training) is the exported model's PPL
     from loraprune.eval.ppl import perplexity
-    from loraprune.run.prepare import load_eval_ids
+    from loraprune.run.prepare import load_eval_sets
     from transformers import AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids, _ = load_eval_ids(PruneConfig.from_file(str(out / "loraprune_config.json")), AutoTokenizer.from_pretrained(out))
+    (ids, _), = load_eval_sets(PruneConfig.from_file(str(out / "loraprune_config.json")), AutoTokenizer.from_pretrained(out))
     ppl = perplexity(model, ids, 32, 2)
     assert ppl["ppl"] == pytest.approx(rep["eval"]["pruned"]["ppl"], rel=1e-4)
     if schedule == "iterative":

@@ -34,7 +34,8 @@ import torch
 from ..core.config import PruneConfig
 from ..errors import UserError
 from ..files import read_json, write_json, write_text
-from .options import PLAIN_ID, SCHEMA, BenchOptions, config_flags, validate, zeroshot_api
+from .options import PLAIN_ID, SCHEMA, BenchOptions, config_flags, validate
+from .row_eval import eval_model, eval_protocols, load_row_model, same_protocol
 
 log = logging.getLogger(__name__)
 
@@ -53,47 +54,6 @@ def prepare_out(opts: BenchOptions) -> Path:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     return out
-
-
-def eval_protocols(opts: BenchOptions) -> dict:
-    """name -> provenance of each eval text (dataset, split, content hash): checked before any run,
-    and used by --resume to tell whether saved numbers were measured on the same text."""
-    from ..eval.ppl_suite import load_ppl_text
-
-    return {name: load_ppl_text(name)[1] for name in opts.evals}
-
-
-def eval_model(model, tokenizer, opts: BenchOptions, seed: int, label: str) -> dict:
-    """{eval name: perplexity record, "zeroshot": zeroshot_mean record} (docs/results-format.md)."""
-    from ..eval.ppl_suite import PplSettings, ppl_record
-
-    settings = PplSettings(ctx=opts.eval_ctx, max_windows=opts.eval_windows or None, seed=seed)
-    out = {name: ppl_record(model, tokenizer, name, settings, model_label=label) for name in opts.evals}
-    if opts.zero_shot:
-        zs = zeroshot_api()
-        out["zeroshot"] = zs.zeroshot_mean(model, tokenizer, opts.zero_shot,
-                                           zs.ZeroShotSettings(limit=opts.zero_shot_limit), model_label=label)
-    return out
-
-
-def load_row_model(opts: BenchOptions, run_dir: Path):
-    """Base model + the row's adapter merged in + its masks attached (eval only)."""
-    from peft import PeftModel
-
-    from ..core.arch import model_spec
-    from ..core.masks import MaskSet
-    from ..models import load_model
-
-    trust = bool(opts.prune_flags.get("trust_remote_code", False))
-    base = load_model(opts.model, "fp32", trust)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
-    if (run_dir / "element_masks.safetensors").is_file():  # N:M / unstructured row: zero the pruned weights
-        from ..core.element_masks import ElementMasks
-
-        ElementMasks.load(run_dir / "element_masks.safetensors").apply_to_model(model)
-    masks = MaskSet.load(run_dir / "masks.json", model_spec(model.config))
-    masks.attach(model)
-    return model.eval()
 
 
 def run_prune(cfg: PruneConfig, log_path: Path) -> tuple[int, str]:
@@ -179,7 +139,7 @@ def _dense(b: _Bench) -> None:
 
     path = b.out / "dense_eval.json"
     dense = read_json(path) if b.opts.resume else None
-    if dense is None or not _same_protocol(dense.get("eval"), b.protocols, b.opts):
+    if dense is None or not same_protocol(dense.get("eval"), b.protocols, b.opts):
         model = load_model(b.opts.model, "fp32", bool(b.opts.prune_flags.get("trust_remote_code", False)))
         dense = {"params": sum(p.numel() for p in model.parameters()),
                  "model": model_info(model, b.opts.model, None, "fp32"),
@@ -197,6 +157,16 @@ def _row(b: _Bench, row) -> dict:
     cfg = opts.row_config(row, run_dir)
     rec = {"id": row.id, "criterion": row.criterion, "schedule": row.schedule, "ratio": row.ratio,
            "plain_lora": row.id == PLAIN_ID, "run_dir": str(run_dir.relative_to(out))}
+    if row.recipe:
+        rec.update(recipe=row.recipe, label=next(r["label"] for r in opts.recipes if r["name"] == row.recipe))
+    if opts.time_budget:
+        from .recipes import budget_steps
+
+        try:
+            cfg, probe = budget_steps(cfg, run_dir, opts, run_prune)
+        except RuntimeError as err:
+            return {**rec, "status": "failed", "error": str(err)}
+        rec["probe"] = {k: probe[k] for k in ("cpu_per_step_s", "steps", "probe_steps")}
     if opts.patterns != ["structured"] or opts.speed:
         rec.update(pattern=row.pattern, recovery_steps=cfg.steps)
     rep = _finished(run_dir, cfg) if opts.resume else None
@@ -206,7 +176,7 @@ def _row(b: _Bench, row) -> dict:
         if rep is None:
             return {**rec, "status": "failed", "error": f"prune exited {rc}: {last}"}
     ev = read_json(run_dir / "eval.json") if opts.resume else None
-    if ev is None or not _same_protocol(ev, b.protocols, opts):
+    if ev is None or not same_protocol(ev, b.protocols, opts):
         b.emit("phase", f"evaluating {row.id}")
         model = load_row_model(opts, run_dir)
         ev = eval_model(model, b.tokenizer, opts, b.seed, row.id)
@@ -237,12 +207,14 @@ def step_ratios(doc: dict) -> None:
 
 
 def _row_numbers(rep: dict) -> dict:
+    c = rep["config"]
     return {"params_dense": rep["params_dense"], "params_pruned": rep["params_pruned"],
             "params_kept_frac": rep["params_pruned"] / rep["params_dense"],
             "achieved_unit_ratio": rep.get("achieved_unit_ratio"), "peak_rss_mb": rep["peak_rss_mb"],
             "mean_step_s": rep["mean_step_s"], "mean_step_cpu_s": rep.get("mean_step_cpu_s"), "wall_s": rep["wall_s"],
-            "loss_start": rep["loss_start"],
-            "loss_end": rep["loss_end"], "steps": len(rep["losses"])}
+            "loss_start": rep["loss_start"], "loss_end": rep["loss_end"], "steps": len(rep["losses"]),
+            "train_cpu_s": sum(rep.get("step_cpu") or []) or None,
+            "tokens_seen": len(rep["losses"]) * c["batch_size"] * c["grad_accum"] * c["seq_len"]}
 
 
 def _budget(opts: BenchOptions) -> dict:
@@ -259,21 +231,6 @@ def _machine() -> dict:
 
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.is_available(), "python": platform.python_version()}
-
-
-def _same_protocol(ev: dict | None, protocols: dict, opts: BenchOptions) -> bool:
-    """Whether saved eval records were measured with the current protocol (for --resume)."""
-    ev = ev or {}
-    for name, meta in protocols.items():
-        r = ev.get(name)
-        if not r or r.get("ctx") != opts.eval_ctx or r.get("content_sha256_16") != meta["content_sha256_16"]:
-            return False
-        if r.get("max_windows") != (opts.eval_windows or None):
-            return False
-    if opts.zero_shot:
-        z = ev.get("zeroshot") or {}
-        return z.get("tasks") == list(opts.zero_shot) and z.get("limit") == opts.zero_shot_limit
-    return True
 
 
 def _write_results(out: Path, doc: dict) -> None:

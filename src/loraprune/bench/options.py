@@ -22,11 +22,15 @@ class Row:
     ratio: float
     pattern: str = "structured"   # or N:M / unstructured (docs/sparsity.md)
     steps: int | None = None      # None: the bench budget; 0: one-shot without LoRA recovery
+    recipe: str | None = None     # --recipes: the recipe's name, and the flags it sets
+    flags: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         if self.ratio == 0 and self.pattern == "structured":
             return PLAIN_ID
+        if self.recipe:
+            return f"{self.recipe}-r{self.ratio:g}"
         rid = f"{self.criterion}-{self.schedule}" + (f"-r{self.ratio:g}" if self.ratio else "")
         if self.pattern != "structured":
             rid += "-" + self.pattern.replace(":", "of")
@@ -57,9 +61,18 @@ class BenchOptions:
     element_criteria: list[str] = field(default_factory=lambda: ["lora", "magnitude", "wanda"])
     no_recovery: bool = False
     speed: bool = False
+    # named recipes (bench/recipes.py) instead of the criteria x schedules grid, equal CPU time per row
+    recipes: list[dict] = field(default_factory=list)
+    time_budget: float = 0.0        # CPU seconds of training steps per row (0: --steps for every row)
+    probe_steps: int = 6            # steps of the probe run that measures a row's CPU time per step
+    zero_shot_sample: int | None = None  # a seeded random N docs per zero-shot task
 
     def rows(self) -> list[Row]:
-        rows = [Row("lora", "iterative", 0.0)] if self.plain_row else []
+        plain = Row("lora", "iterative", 0.0, flags={"distill_alpha": 0.0} if self.recipes else {})
+        rows = [plain] if self.plain_row else []
+        if self.recipes:
+            return rows + [Row(r["flags"].get("criterion", "lora"), r["flags"].get("schedule", "iterative"), ratio,
+                               recipe=r["name"], flags=dict(r["flags"])) for ratio in self.ratios for r in self.recipes]
         for p in self.patterns:
             if p != "structured":
                 rows += element_rows(self, p)
@@ -72,8 +85,9 @@ class BenchOptions:
 
     def row_config(self, row: Row, run_dir: Path) -> PruneConfig:
         """The PruneConfig of a row (validated here, before any run starts)."""
-        vals = {**self.prune_flags, "model": self.model, "criterion": row.criterion, "schedule": row.schedule,
-                "ratio": row.ratio, "out": str(run_dir), "overwrite": True, "export": False, "eval_windows": 0}
+        vals = {**self.prune_flags, **row.flags, "model": self.model, "criterion": row.criterion,
+                "schedule": row.schedule, "ratio": row.ratio, "out": str(run_dir), "overwrite": True, "export": False,
+                "eval_windows": 0}
         if self.patterns != ["structured"] or self.speed:
             vals.update(row_values(self, row))
         if self.threads:
@@ -97,6 +111,10 @@ def validate(opts: BenchOptions) -> None:
         raise UserError("--eval-ctx must be >= 2 and --eval-windows >= 0")
     if opts.overwrite and opts.resume:
         raise UserError("--overwrite and --resume exclude each other")
+    if opts.time_budget < 0 or opts.probe_steps < 2:
+        raise UserError("--time-budget must be >= 0 and --probe-steps >= 2")
+    if opts.zero_shot_sample is not None and (opts.zero_shot_sample < 1 or opts.zero_shot_limit is not None):
+        raise UserError("--zero-shot-sample must be >= 1 and excludes --zero-shot-limit")
     if opts.zero_shot:
         from ..eval.zeroshot_data import parse_tasks
 

@@ -54,8 +54,10 @@ def _preamble(doc: dict) -> list[str]:
     lines = [f"# loraprune bench: {_model(o)}", ""]
     if not doc.get("complete"):
         lines += [f"**In progress**: {len(doc['rows'])} of {_n_rows(o)} rows done.", ""]
+    steps = (f"{o['time_budget']:g} CPU-seconds of training steps (steps from a {o['probe_steps']}-step probe of "
+             "each row's own step cost)" if o.get("time_budget") else f"{b['steps']} steps")
     lines += [
-        f"- Budget per row: {b['steps']} steps x {b['batch_size'] * b['grad_accum']} sequences x {b['seq_len']} "
+        f"- Budget per row: {steps} x {b['batch_size'] * b['grad_accum']} sequences x {b['seq_len']} "
         f"tokens of `{b['data'] or 'sotu'}` (same seed {b['seed']} and data order for every row), LoRA r={b['lora_r']} "
         f"alpha={b['lora_alpha']} on q,k,v,o,gate,up,down, lr {b['lr']}, {b['dtype']}.",
         f"- Iterative: masks every {b['prune_every']} steps on a cubic ramp (warm-up {b['warmup_frac']}, "
@@ -71,6 +73,14 @@ def _preamble(doc: dict) -> list[str]:
             lines.append(f"- {_label(name)} PPL: {Path(r['dataset']).name} {r['split']}, first {r['windows']} of "
                          f"{r['windows_available']} non-overlapping windows x {r['ctx']} tokens, sha "
                          f"{r['content_sha256_16']}, fp32; masked model with LoRA merged.")
+    if o["zero_shot"]:
+        subset = (f"first {o['zero_shot_limit']}" if o.get("zero_shot_limit") else None) or (
+            f"a seeded random {o['zero_shot_sample']} (seed {b['seed']})" if o.get("zero_shot_sample") else "all")
+        lines.append(f"- Zero-shot: stock lm_eval on {', '.join(o['zero_shot'])}, {subset} documents per task; "
+                     "mean of acc_norm (acc where a task has none).")
+    for r in o.get("recipes") or []:
+        flags = ", ".join(f"{k}={v}" for k, v in r["flags"].items())
+        lines.append(f"- Recipe `{r['name']}` ({r['label']}): {flags or 'the shared flags'}.")
     m = doc.get("machine", {})
     lines += [f"- Machine: {m.get('cpu_count')} CPUs, torch {m.get('torch')}, {m.get('threads')} eval threads, "
               f"CUDA {'yes' if m.get('cuda') else 'no'}. {_step_basis(doc)}"]
@@ -79,12 +89,20 @@ def _preamble(doc: dict) -> list[str]:
     return lines
 
 
+def _recipes(doc: dict) -> bool:
+    return bool(doc["options"].get("recipes"))
+
+
 def _head(doc: dict) -> list[str]:
     o = doc["options"]
     head = ["criterion", "schedule", "ratio", "params kept"] + [f"{_label(e)} PPL" for e in o["evals"]]
+    if _recipes(doc):
+        head[:2] = ["recipe", "-"]
     if o["zero_shot"]:
         head.append("zero-shot mean")
     head += ["peak RSS (MB)", "step time vs plain LoRA", "prune wall (s)"]
+    if o.get("time_budget"):
+        head += ["steps", "tokens seen", "train CPU (s)"]
     if sparse_bench.table_columns(doc):  # N:M / unstructured rows or --speed: three more columns
         head[3:3] = ["pattern"]
         head[5:5] = ["nonzero params"]
@@ -107,13 +125,14 @@ def _dense_cells(doc: dict) -> list[str]:
     cells += [_num(_ppl(dev, e)) for e in o["evals"]]
     if o["zero_shot"]:
         cells.append(_num((dev.get("zeroshot") or {}).get("mean"), 4))
-    return _with_sparse(doc, None, cells + ["", "", ""])
+    cells += ["", "", ""] + (["", "", ""] if o.get("time_budget") else [])
+    return _with_sparse(doc, None, cells)
 
 
 def _row_cells(doc: dict, r: dict, best: dict, width: int) -> list[str]:
     o = doc["options"]
-    name = "plain LoRA (no pruning)" if r["plain_lora"] else r["criterion"]
-    cells = [name, r["schedule"] if not r["plain_lora"] else "-", f"{r['ratio']:g}"]
+    name = "plain LoRA (no pruning)" if r["plain_lora"] else r.get("label") or r["criterion"]
+    cells = [name, "-" if r["plain_lora"] or r.get("recipe") else r["schedule"], f"{r['ratio']:g}"]
     if r["status"] != "ok":
         cells += [f"FAILED: {r.get('error', '')[:80]}"] + [""] * (width - 4)
         if sparse_bench.table_columns(doc):
@@ -128,6 +147,8 @@ def _row_cells(doc: dict, r: dict, best: dict, width: int) -> list[str]:
         cells.append(_num((r["eval"].get("zeroshot") or {}).get("mean"), 4))
     rel = r.get("step_time_rel")
     cells += [_num(r["peak_rss_mb"], 0), f"{rel:.2f}x" if rel else "n/a", _num(r["wall_s"], 1)]
+    if o.get("time_budget"):
+        cells += [str(r["steps"]), f"{r['tokens_seen']:,}", _num(r.get("train_cpu_s"), 0)]
     return _with_sparse(doc, r, cells)
 
 

@@ -43,7 +43,16 @@ def register(sub) -> None:
                    help="first K non-overlapping windows of each eval text; 0 = all (default: 16)")
     g.add_argument("--zero-shot", type=_list(str), default=[], metavar="TASKS",
                    help="zero-shot tasks to average (needs loraprune.zeroshot)")
-    g.add_argument("--zero-shot-limit", type=int, default=None, help="documents per zero-shot task")
+    g.add_argument("--zero-shot-limit", type=int, default=None, help="the first N documents per zero-shot task")
+    g.add_argument("--zero-shot-sample", type=int, default=None, metavar="N",
+                   help="a seeded random N documents per zero-shot task (the same for every row; seed: --seed)")
+    g.add_argument("--recipes", metavar="FILE", default=None,
+                   help="YAML/JSON list of named recipes (flag sets) to run at every ratio, instead of the "
+                        "criteria x schedules grid (see loraprune/bench/recipes.py)")
+    g.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="CPU seconds of training steps per row; each row's steps come from a probe of its own "
+                        "step cost (0: --steps for every row)")
+    g.add_argument("--probe-steps", type=int, default=6, help="steps of the time-budget probe run (default: 6)")
     g.add_argument("--out", default="bench-out", help="output directory (default: bench-out)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g.add_argument("--resume", action="store_true", help="continue a --out: reuse finished rows with the same config")
@@ -66,6 +75,7 @@ def register(sub) -> None:
 
 def options_from_args(args):
     from ..bench.options import BenchOptions
+    from ..bench.recipes import load_recipes
 
     flags = given_flags(args, skip=OWN)
     model = flags.pop("model", None)
@@ -75,7 +85,9 @@ def options_from_args(args):
                         zero_shot_limit=args.zero_shot_limit, plain_row=args.plain_row, overwrite=args.overwrite,
                         resume=args.resume, keep_adapters=args.keep_adapters, threads=flags.get("threads", 0),
                         patterns=args.patterns, element_criteria=args.element_criteria, no_recovery=args.no_recovery,
-                        speed=args.speed)
+                        speed=args.speed, recipes=load_recipes(args.recipes) if args.recipes else [],
+                        time_budget=args.time_budget, probe_steps=args.probe_steps,
+                        zero_shot_sample=args.zero_shot_sample)
 
 
 def run(args) -> int:

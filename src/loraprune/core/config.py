@@ -16,6 +16,7 @@ ELEMENT_CRITERIA = ("lora", "magnitude", "wanda")  # criteria of --pattern N:M /
 IMPORTANCE = ("squared", "abs-norm")
 LORA_PROJECTIONS = ("all", "rows")
 SCHEDULES = ("iterative", "oneshot")
+ALLOCATIONS = ("uniform", "global")
 DTYPES = ("fp32", "bf16", "fp16")      # every dtype name loraprune accepts (models.torch_dtype maps them)
 DTYPE_CHOICES = ("fp32", "bf16")       # compute dtypes of training (bf16 = autocast)
 SAVE_DTYPES = DTYPES
@@ -42,6 +43,11 @@ class PruneConfig:
     targets: str = _f("heads,ffn", "which units to prune: heads, ffn or heads,ffn")
     skip_layers: str = _f("auto", "layers never pruned: auto (first 10%% and the last), none, or e.g. 0-2,29")
     round_to: int = _f(1, "keep FFN channel counts a multiple of N per layer (chosen by the criterion)")
+    allocation: str = _f("uniform", "uniform: every pruned layer loses the same fraction (paper); global: the same "
+                         "total number of heads and channels, ranked across layers on scores relative to "
+                         "their layer's mean (core/allocation.py)", choices=ALLOCATIONS)
+    min_keep: float = _f(0.1, "with --allocation global: every pruned layer keeps at least this fraction of its "
+                         "heads and of its FFN channels")
     # how to score and when to mask
     criterion: str = _f("lora", "importance criterion: " + ", ".join(CRITERIA), choices=CRITERIA)
     importance: str = _f("squared", "lora element importance: squared (paper) or abs-norm (reference code)",
@@ -63,6 +69,11 @@ class PruneConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lr: float = _f(3e-4, "peak AdamW learning rate of the LoRA weights")
+    distill_alpha: float = _f(0.0, "self-distillation weight a: loss = (1-a) CE + a T^2 KL(teacher || student); "
+                              "the teacher is the dense base (LoRA off, masks open) on the same batch; 0: off")
+    distill_temp: float = _f(1.0, "distillation temperature T")
+    head_chunk: int = _f(256, "tokens per chunk of the LM head + loss (the [tokens, vocab] logits never exist "
+                         "at once)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     lr_warmup_steps: int = _f(5, "linear learning-rate warm-up steps (then cosine decay to 10%%)")
     seq_len: int = _f(256, "tokens per training sequence")
@@ -73,7 +84,8 @@ class PruneConfig:
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     seed: int = _f(0, "seed for data order, LoRA init and random choices")
     # evaluation in the report
-    eval_data: str = _f("sotu-heldout", "held-out text for the dense-vs-pruned perplexity in the report")
+    eval_data: str = _f("sotu-heldout,ptb", "held-out texts (comma list) for the dense-vs-pruned perplexity in the "
+                        "report: the first in-domain, e.g. ptb as an out-of-domain check")
     eval_ctx: int = _f(512, "perplexity window length in tokens")
     eval_windows: int = _f(8, "perplexity windows (first K non-overlapping windows); 0 to skip")
     # output
@@ -120,9 +132,22 @@ class PruneConfig:
             raise UserError("--warmup-frac and --cooldown-frac must be >= 0 and sum to less than 1")
         if self.lr <= 0:
             raise UserError("--lr must be positive")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise UserError(f"--distill-alpha {self.distill_alpha} is outside [0, 1]")
+        if self.distill_temp <= 0:
+            raise UserError("--distill-temp must be positive")
+        if self.head_chunk < 1:
+            raise UserError("--head-chunk must be at least 1")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise UserError(f"--min-keep {self.min_keep} is outside (0, 1]")
+        if self.allocation == "global" and self.uniform:
+            raise UserError("--uniform keeps every layer alike; it conflicts with --allocation global")
+        if not self.eval_list:
+            raise UserError("--eval-data needs at least one text (e.g. sotu-heldout,ptb)")
         crits = ELEMENT_CRITERIA if self.pattern != "structured" else CRITERIA
         for name, allowed in (("criterion", crits), ("importance", IMPORTANCE),
                               ("lora_projections", LORA_PROJECTIONS), ("schedule", SCHEDULES),
+                              ("allocation", ALLOCATIONS),
                               ("dtype", DTYPE_CHOICES), ("save_dtype", SAVE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "
@@ -168,6 +193,10 @@ class PruneConfig:
         structured form (criteria/element.py, `unit_criterion`): wanda scores units with the
         activation criterion (|W|·||X|| summed over each unit); the report records which ran."""
         return UNIT_FORM.get(self.criterion, self.criterion) if self.pattern != "structured" else self.criterion
+
+    @property
+    def eval_list(self) -> list[str]:
+        return [t.strip() for t in self.eval_data.split(",") if t.strip()]
 
     @property
     def target_list(self) -> list[str]:

@@ -13,6 +13,7 @@ the safetensors header) plus a readable summary `element_masks.json`.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class ElementMasks:
         if not pattern.element:
             raise ValueError("ElementMasks needs an N:M or unstructured pattern")
         self.pattern, self.group = pattern, group
+        self.bypass = False  # the masked forwards (core/masked_lora.py) read it
         self.keep = {k: torch.ones(*shp, dtype=torch.bool) for k, shp in sorted(shapes.items())}
 
     @classmethod
@@ -58,6 +60,15 @@ class ElementMasks:
         if num_layers and device.type != "cpu":  # masks live where the weights are (read every forward)
             em.keep = {k: v.to(device) for k, v in em.keep.items()}
         return em
+
+    @contextmanager
+    def bypassed(self):
+        """Inside: the masked LoRA layers compute their plain base layer (the dense teacher)."""
+        old, self.bypass = self.bypass, True
+        try:
+            yield
+        finally:
+            self.bypass = old
 
     def check_shapes(self, unit_masks=None) -> None:
         """N:M needs every (final) count of kept input columns to be a multiple of M."""

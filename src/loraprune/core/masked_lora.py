@@ -60,13 +60,16 @@ class MaskedMergedLinear(torch.autograd.Function):
         return gx, None, gb, gA, gB, None, None, None
 
 
-def masked_forward(mod, keep: torch.Tensor):
-    """The forward that replaces `mod.forward` (a peft LoRA Linear)."""
+def masked_forward(mod, keep: torch.Tensor, emasks=None):
+    """The forward that replaces `mod.forward` (a peft LoRA Linear); `emasks.bypass` (the dense
+    teacher) makes it the plain base layer."""
     lora_parts(mod, exact=True)  # fail early, at attach time
 
     def forward(x, *args, **kwargs):
         if args or kwargs.get("adapter_names") is not None:
             raise UserError("element-masked LoRA layers take no extra forward arguments")
+        if emasks is not None and emasks.bypass:
+            return mod.base_layer(x)
         p = lora_parts(mod, exact=True)
         weight, bias, A, B, s = p.weight, p.bias, p.A, p.B, p.scaling
         if mod.disable_adapters or mod.merged:
@@ -85,5 +88,5 @@ def attach(model, emasks) -> None:
         if not hasattr(mod, "lora_A"):
             raise UserError(f"layer {i} {name} is not a LoRA layer; element patterns need LoRA on "
                             "q,k,v,o,gate,up,down")
-        mod.forward = masked_forward(mod, keep)
+        mod.forward = masked_forward(mod, keep, emasks)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,9 @@ import torch
 
 from ..errors import UserError
 from .arch import PROJECTIONS, LayerSpec, ModelSpec, layer_modules
+from .selection import choose_heads, n_removed, top_kept
 
 FORMAT_VERSION = 1
-
-
-def n_removed(ratio: float, n: int) -> int:
-    """Units removed for a ratio: round half up (Python's round() would round 4.5 to 4)."""
-    return int(math.floor(ratio * n + 0.5))
 
 
 def ffn_keep(ratio: float, n: int, round_to: int = 1) -> int:
@@ -109,12 +106,8 @@ class MaskSet:
         """
         spec, m = self.spec.layers[i], self.layers[i]
         if "ffn" in targets:
-            keep = ffn_keep(ratio, spec.intermediate_size, round_to)
-            keep = min(keep, int(m.ffn.sum()))
-            s = scores["ffn"].float().masked_fill(~m.ffn, float("-inf"))
-            new = torch.zeros_like(m.ffn)
-            new[torch.topk(s, keep).indices] = True
-            m.ffn = new
+            keep = min(ffn_keep(ratio, spec.intermediate_size, round_to), int(m.ffn.sum()))
+            m.ffn = top_kept(scores["ffn"], m.ffn, keep)
         if "heads" in targets:
             self._update_heads(spec, m, ratio, final_ratio, scores)
         self.sync_gates(i)
@@ -137,26 +130,22 @@ class MaskSet:
         if ratio >= final_ratio:
             cands = [c for c in cands if c in finals] or cands
         best_count = min({a * b for a, b in cands}, key=lambda c: (abs(c - target), -c))
-        hs = scores["heads"].float().masked_fill(~m.heads, float("-inf")).view(spec.num_kv_heads, spec.n_rep)
-        kvs = scores["kv"].float()
-        best = None
-        for a, b in cands:
-            if a * b != best_count:
-                continue
-            top = torch.topk(hs, b, dim=1)  # best b query heads in every KV group
-            group_val = top.values.sum(1) + kvs
-            group_val = group_val.masked_fill(~m.kv, float("-inf"))
-            groups = torch.topk(group_val, a).indices
-            total = float(group_val[groups].sum())
-            if best is None or total > best[0]:
-                best = (total, groups, top.indices)
-        _, groups, idx = best
-        heads = torch.zeros(spec.num_kv_heads, spec.n_rep, dtype=torch.bool)
-        for g in groups.tolist():
-            heads[g, idx[g]] = True
-        kv = torch.zeros(spec.num_kv_heads, dtype=torch.bool)
-        kv[groups] = True
-        m.heads, m.kv = heads.view(-1), kv
+        m.heads, m.kv = choose_heads(spec, m, [c for c in cands if c[0] * c[1] == best_count], scores)
+
+    def keep_layer(self, i: int, scores: dict, heads: int | None = None, ffn: int | None = None) -> None:
+        """Shrink layer i to exactly `ffn` FFN channels and `heads` query heads (a GQA-feasible count
+        reachable from the current shape), keeping the highest-scoring units; None leaves a kind as
+        it is. Used by global allocation (core/allocation.py), which chooses the counts."""
+        spec, m = self.spec.layers[i], self.layers[i]
+        if ffn is not None:
+            m.ffn = top_kept(scores["ffn"], m.ffn, min(ffn, int(m.ffn.sum())))
+        if heads is not None:
+            a0, b0 = m.head_shape(spec)
+            cands = [(a, b) for a, b in head_shapes(spec) if a <= a0 and b <= b0 and a * b == heads]
+            if not cands:
+                raise ValueError(f"layer {i}: {heads} heads is no GQA shape reachable from {a0}x{b0}")
+            m.heads, m.kv = choose_heads(spec, m, cands, scores)
+        self.sync_gates(i)
 
     # ---- hooks ----------------------------------------------------------------------------
     def gate(self, i: int, unit: str) -> torch.Tensor:
@@ -181,6 +170,21 @@ class MaskSet:
 
     def gate_parameters(self) -> list[torch.Tensor]:
         return self.head_gates + self.ffn_gates
+
+    @contextmanager
+    def opened(self):
+        """Inside: every gate is 1 (the model computes as if nothing were masked); restored on exit.
+        In place under no_grad, so the hooks keep their tensors (the dense teacher of distillation)."""
+        saved = [g.detach().clone() for g in self.gate_parameters()]
+        with torch.no_grad():
+            for g in self.gate_parameters():
+                g.fill_(1.0)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for g, v in zip(self.gate_parameters(), saved):
+                    g.copy_(v)
 
     def load_layers(self, other: "MaskSet") -> None:
         """Take the kept units of `other` (same spec), updating the gates the hooks hold in place."""

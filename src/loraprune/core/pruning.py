@@ -18,6 +18,7 @@ returns the keyword arguments of export_compact this pruning provides.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -74,18 +75,33 @@ class Pruning:
         return []
 
 
+@dataclass(frozen=True)
+class UnitTarget:
+    """What unit pruning aims at: the final ratio, which unit kinds, FFN rounding, and how the units
+    to remove are allocated across layers (core/allocation.py)."""
+    ratio: float
+    targets: tuple = ("heads", "ffn")
+    round_to: int = 1
+    allocation: str = "uniform"     # uniform (paper) or global
+    min_keep: float = 0.1           # global: every layer keeps at least this fraction of each kind
+
+    @classmethod
+    def from_config(cls, cfg) -> "UnitTarget":
+        return cls(cfg.ratio, tuple(cfg.target_list), cfg.round_to, cfg.allocation, cfg.min_keep)
+
+
 class UnitPruning(Pruning):
     """Heads, KV groups and FFN channels: score after each backward, smooth with an EMA, and on the
-    schedule's update steps shrink every prunable layer's masks toward the current ratio."""
+    schedule's update steps shrink the masks toward the current ratio (every layer alike, or
+    allocated across layers)."""
 
     state_key = "pruner"
 
-    def __init__(self, masks: MaskSet, criterion, ramp: Ramp, *, ratio: float, targets: list[str],
-                 ema: float = 0.9, round_to: int = 1, iterative: bool = True):
-        # params: what to prune and how (three objects), then its keyword-only settings from the config
+    def __init__(self, masks: MaskSet, criterion, ramp: Ramp, target: UnitTarget, *, ema: float = 0.9,
+                 iterative: bool = True):
         super().__init__(ramp, iterative)
-        self.masks, self.spec, self.criterion = masks, masks.spec, criterion
-        self.ratio, self.targets, self.ema, self.round_to = ratio, targets, ema, round_to
+        self.masks, self.spec, self.criterion, self.target = masks, masks.spec, criterion, target
+        self.ratio, self.targets, self.ema, self.round_to = target.ratio, list(target.targets), ema, target.round_to
         self.scores: dict[int, dict[str, torch.Tensor]] = {}
         self.current_ratio = 0.0
         self.history: list[dict] = []
@@ -136,14 +152,26 @@ class UnitPruning(Pruning):
     def apply_ratio(self, r: float, step: int) -> None:
         if not self.scores:
             raise RuntimeError("no importance scores yet: observe() must run before masks update")
-        for i in self.masks.prunable:
-            self.masks.update_layer(i, r, self.ratio, self.scores[i], self.targets, self.round_to)
+        if self.target.allocation == "global":
+            self._apply_global(r)
+        else:
+            for i in self.masks.prunable:
+                self.masks.update_layer(i, r, self.ratio, self.scores[i], self.targets, self.round_to)
         self.current_ratio = r
         kept = [self.masks.kept_counts(i) for i in self.masks.prunable]
         self.history.append({"step": step, "ratio": r,
                              "heads_kept": sum(k["heads"] for k in kept),
                              "ffn_kept": sum(k["ffn"] for k in kept)})
         log.info("step %d: ratio %.4f", step, r)
+
+    def _apply_global(self, r: float) -> None:
+        from . import allocation
+
+        t = self.target
+        ffn = allocation.ffn_counts(self.masks, self.scores, r, t.min_keep, t.round_to) if "ffn" in self.targets else {}
+        heads = allocation.head_counts(self.masks, self.scores, r, t.min_keep) if "heads" in self.targets else {}
+        for i in self.masks.prunable:
+            self.masks.keep_layer(i, self.scores[i], heads=heads.get(i), ffn=ffn.get(i))
 
     def finalize(self, model, step: int) -> None:
         """Make sure the final ratio is reached even if the run ended before the ramp did."""
@@ -156,6 +184,7 @@ class UnitPruning(Pruning):
     def describe(self, report: dict) -> None:
         report["mask_history"] = self.history
         report["unit_criterion"] = self.criterion.name
+        report["allocation"] = {"kind": self.target.allocation, "min_keep": self.target.min_keep}
 
     def checksum_tensors(self) -> list[torch.Tensor]:
         return self.masks.checksum_tensors()

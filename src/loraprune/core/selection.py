@@ -1,14 +1,52 @@
-"""Which weights an element pattern prunes: pure functions of scores (no model, no state).
+"""Which units and weights to prune: pure functions of scores (no model, no state). Units: the
+top-scoring channels, the best GQA head shape; weights: the element patterns (N:M, unstructured).
 
 Selection is monotone: weights pruned at an earlier update are preferred when choosing the ones to
 prune now (ties among them by score), so in a pure N:M or unstructured run the mask only shrinks.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .masks import n_removed
 from .patterns import Pattern
+
+
+def n_removed(ratio: float, n: int) -> int:
+    """Units removed for a ratio: round half up (Python's round() would round 4.5 to 4)."""
+    return int(math.floor(ratio * n + 0.5))
+
+
+def top_kept(scores: torch.Tensor, kept: torch.Tensor, keep: int) -> torch.Tensor:
+    """bool mask of the `keep` highest-scoring units among those still kept."""
+    s = scores.float().masked_fill(~kept, float("-inf"))
+    new = torch.zeros_like(kept)
+    new[torch.topk(s, keep).indices] = True
+    return new
+
+
+def choose_heads(spec, m, shapes: list[tuple[int, int]], scores: dict):
+    """(heads [H], kv [KV]) bool masks of the best of the given (a KV heads, b heads each) shapes:
+    the best b kept query heads of every KV group, then the a groups with the highest total value
+    (their heads' scores + the group's kv score)."""
+    hs = scores["heads"].float().masked_fill(~m.heads, float("-inf")).view(spec.num_kv_heads, spec.n_rep)
+    kvs = scores["kv"].float()
+    best = None
+    for a, b in shapes:
+        top = torch.topk(hs, b, dim=1)  # best b query heads in every KV group
+        group_val = (top.values.sum(1) + kvs).masked_fill(~m.kv, float("-inf"))
+        groups = torch.topk(group_val, a).indices
+        total = float(group_val[groups].sum())
+        if best is None or total > best[0]:
+            best = (total, groups, top.indices)
+    _, groups, idx = best
+    heads = torch.zeros(spec.num_kv_heads, spec.n_rep, dtype=torch.bool)
+    for g in groups.tolist():
+        heads[g, idx[g]] = True
+    kv = torch.zeros(spec.num_kv_heads, dtype=torch.bool)
+    kv[groups] = True
+    return heads.view(-1), kv
 
 
 def lowest(score: torch.Tensor, k: int, prefer: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:

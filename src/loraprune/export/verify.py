@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core.arch import WEIGHT_KEY
-from ..core.masks import n_removed
+from ..core.selection import n_removed
 from ..core.patterns import parse_pattern
 from ..errors import UserError
 

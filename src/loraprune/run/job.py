@@ -20,8 +20,8 @@ from ..core.config import PruneConfig
 from ..core.criteria import build_criterion
 from ..core.element_pruning import build_element_pruning
 from ..core.masks import MaskSet
-from ..core.objective import build_objective
-from ..core.pruning import UnitPruning
+from ..core.objective import build_objective, dense_teacher
+from ..core.pruning import UnitPruning, UnitTarget
 from ..core.schedule import Ramp
 from .dist import Dist
 from .prepare import seed_everything
@@ -46,8 +46,7 @@ class Loaded:
     spec: ModelSpec
     prunable: list[int]
     seqs: torch.Tensor                      # [n, seq_len] token rows
-    eval_ids: torch.Tensor | None = None    # 1-D held-out tokens (None: no held-out perplexity)
-    eval_meta: dict = field(default_factory=dict)
+    evals: list = field(default_factory=list)  # (1-D held-out tokens, provenance) per --eval-data text
 
 
 @dataclass
@@ -57,9 +56,11 @@ class History:
     step_times: list[float] = field(default_factory=list)
     step_cpu: list[float] = field(default_factory=list)  # this process's CPU: robust to other load
     parts: dict[str, list[float]] = field(default_factory=dict)
+    ratios: list[float] = field(default_factory=list)   # the unit ratio pruned after each step
 
-    def record(self, loss: float, parts: dict, wall_s: float, cpu_s: float) -> None:
+    def record(self, loss: float, parts: dict, wall_s: float, cpu_s: float, ratio: float = 0.0) -> None:
         self.losses.append(loss)
+        self.ratios.append(ratio)
         self.step_times.append(wall_s)
         self.step_cpu.append(cpu_s)
         for k, v in parts.items():
@@ -67,12 +68,13 @@ class History:
 
     def state_dict(self) -> dict:
         return {"losses": self.losses, "step_times": self.step_times, "step_cpu": self.step_cpu,
-                "loss_parts": self.parts}
+                "loss_parts": self.parts, "ratios": self.ratios}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses, self.step_times = list(state["losses"]), list(state["step_times"])
         self.step_cpu = list(state.get("step_cpu", []))
         self.parts = {k: list(v) for k, v in (state.get("loss_parts") or {}).items()}
+        self.ratios = list(state.get("ratios", []))
 
 
 @dataclass
@@ -92,7 +94,7 @@ class Job:
     params_dense: int
     t0: float = field(default_factory=time.time)
     step: int = 0            # optimizer steps completed
-    dense_ppl: dict | None = None
+    dense_ppl: list | None = None   # one perplexity record per --eval-data text
     history: History = field(default_factory=History)
 
     @property
@@ -151,9 +153,8 @@ def build_prunings(cfg: PruneConfig, model, masks: MaskSet) -> list:
         criterion = build_criterion(cfg.unit_criterion, cfg.importance, masks=masks, seed=cfg.seed,
                                     lora_projections=cfg.lora_projections)
         criterion.setup(model, masks.spec, masks)
-        prunings.append(UnitPruning(masks, criterion, Ramp.from_config(cfg), ratio=cfg.ratio,
-                                    targets=cfg.target_list, ema=cfg.ema, round_to=cfg.round_to,
-                                    iterative=cfg.schedule == "iterative"))
+        prunings.append(UnitPruning(masks, criterion, Ramp.from_config(cfg), UnitTarget.from_config(cfg),
+                                    ema=cfg.ema, iterative=cfg.schedule == "iterative"))
     element = build_element_pruning(cfg, model, masks.spec, masks)
     if element is not None:
         prunings.append(element)
@@ -172,6 +173,9 @@ def build_job(cfg: PruneConfig, d: Dist, loaded: Loaded, paths: RunPaths) -> Job
     optim = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg))
     stream = data_mod.SequenceStream(loaded.seqs, cfg.batch_size, cfg.seed)
+    handoff = {k: v for p in prunings for k, v in p.handoff().items()}
+    element = handoff.get("element_masks")  # the teacher bypasses them too
+    objective = build_objective(cfg, teacher=lambda m: dense_teacher(m, masks, element))
     return Job(cfg=cfg, dist=d, loaded=loaded, paths=paths, model=model, masks=masks, prunings=prunings,
-               objective=build_objective(cfg, masks), trainable=trainable, optim=optim, sched=sched,
+               objective=objective, trainable=trainable, optim=optim, sched=sched,
                stream=stream, params_dense=params_dense)

@@ -83,9 +83,10 @@ def forward_backward(job, stream) -> tuple[float, dict]:
         total += float(loss.detach())
         for k, v in micro.items():
             parts[k] = parts.get(k, 0.0) + v / cfg.grad_accum
-    loss_t = torch.tensor([total])
+    names = sorted(parts)
+    loss_t = torch.tensor([total] + [parts[k] for k in names])  # the loss and its parts: every rank's mean
     d.average(step_gradients(model, job.masks) + [loss_t])
-    return float(loss_t), parts
+    return float(loss_t[0]), {k: float(v) for k, v in zip(names, loss_t[1:])}
 
 
 def calibrate(job) -> None:
@@ -137,7 +138,7 @@ def run_loop(job, hooks: Hooks, stop: StopFlag) -> None:
     for step in range(job.step + 1, cfg.steps + 1):
         ts, tc = time.perf_counter(), time.process_time()
         loss, parts = train_step(job, step)
-        job.history.record(loss, parts, time.perf_counter() - ts, time.process_time() - tc)
+        job.history.record(loss, parts, time.perf_counter() - ts, time.process_time() - tc, job.progress()["ratio"])
         job.step = step
         faults.after_step()
         if hooks.on_step and d.main:

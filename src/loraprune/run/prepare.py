@@ -45,7 +45,7 @@ def preflight(cfg: PruneConfig) -> None:
 
     if cfg.model not in (None, "", "embedded"):
         resolve_model_path(cfg.model)
-    for src in (cfg.data, cfg.eval_data if cfg.eval_windows else None):
+    for src in [cfg.data] + (cfg.eval_list if cfg.eval_windows else []):
         if src and ("/" in src or Path(src).suffix) and not src.startswith("hf:") \
                 and not Path(src).expanduser().is_file():
             raise UserError(f"data file {src} does not exist")
@@ -56,8 +56,12 @@ def load_training_ids(cfg: PruneConfig, tokenizer) -> torch.Tensor:
     return data_mod.tokenize_documents(tokenizer, docs)
 
 
-def load_eval_ids(cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict]:
-    spec = cfg.eval_data
+def load_eval_sets(cfg: PruneConfig, tokenizer) -> list[tuple[torch.Tensor, dict]]:
+    """(token ids, provenance) of every --eval-data text, in order (none when --eval-windows 0)."""
+    return [load_eval_ids(spec, cfg, tokenizer) for spec in (cfg.eval_list if cfg.eval_windows else [])]
+
+
+def load_eval_ids(spec: str, cfg: PruneConfig, tokenizer) -> tuple[torch.Tensor, dict]:
     docs = data_mod.load_documents(spec, "test", cfg.text_field)
     text = data_mod.join_documents(docs)
     meta = {"dataset": spec, "split": "heldout" if spec.startswith("sotu") else "test",

@@ -25,7 +25,7 @@ from . import checkpoint
 from .dist import Dist, check_batch, init_from_env
 from .job import Loaded, RunPaths, build_job
 from .loop import Hooks, StopFlag, calibrate, run_loop
-from .prepare import check_prunable, load_eval_ids, load_training_ids, preflight
+from .prepare import check_prunable, load_eval_sets, load_training_ids, preflight
 from .rundir import discard_unless_resumable, open_run_dir, write_outputs
 
 
@@ -67,12 +67,11 @@ def load(cfg: PruneConfig, d: Dist, hooks: Hooks) -> Loaded:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's context ({max_pos} tokens)")
     hooks.phase("tokenizing data")
     seqs = data_mod.make_sequences(load_training_ids(cfg, tokenizer), cfg.seq_len)
-    eval_ids, eval_meta = load_eval_ids(cfg, tokenizer) if cfg.eval_windows else (None, {})
-    return Loaded(model, tokenizer, spec, prunable, seqs, eval_ids, eval_meta)
+    return Loaded(model, tokenizer, spec, prunable, seqs, load_eval_sets(cfg, tokenizer))
 
 
-def held_out_ppl(model, loaded: Loaded, cfg: PruneConfig, hooks: Hooks) -> dict:
-    return perplexity(model, loaded.eval_ids, cfg.eval_ctx, cfg.eval_windows, progress=hooks.on_eval)
+def held_out_ppl(model, loaded: Loaded, cfg: PruneConfig, hooks: Hooks) -> list[dict]:
+    return [perplexity(model, ids, cfg.eval_ctx, cfg.eval_windows, progress=hooks.on_eval) for ids, _ in loaded.evals]
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,9 @@ def _run(cfg, hooks, d, loaded: Loaded, paths: RunPaths, launch: Launch) -> dict
         raise UserError(f"the checkpoint was written by {state['world']} processes; resume with the same number "
                         f"(now {d.world})")
     dense_ppl = state["dense_ppl"] if state else None
-    if loaded.eval_ids is not None and state is None:
+    if isinstance(dense_ppl, dict):  # a checkpoint of loraprune < 0.2: one eval text
+        dense_ppl = [dense_ppl]
+    if loaded.evals and state is None:
         hooks.phase("dense perplexity")
         dense_ppl = held_out_ppl(loaded.model, loaded, cfg, hooks)
     job = build_job(cfg, d, loaded, paths)
@@ -107,7 +108,7 @@ def _run(cfg, hooks, d, loaded: Loaded, paths: RunPaths, launch: Launch) -> dict
     finally:
         stop.restore()
     pruned_ppl = None
-    if loaded.eval_ids is not None and d.main:
+    if loaded.evals and d.main:
         hooks.phase("pruned perplexity")
         pruned_ppl = held_out_ppl(job.model, loaded, cfg, hooks)
     report = None

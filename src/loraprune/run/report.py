@@ -47,6 +47,8 @@ def build_report(job, export_info: dict | None, pruned_ppl: dict | None) -> dict
     head_frac = [1 - l["heads"] / l["heads_of"] for l in layers if l["pruned"]]
     ffn_frac = [1 - l["ffn"] / l["ffn_of"] for l in layers if l["pruned"]]
     k = max(1, min(5, len(losses) // 4)) if losses else 1
+    evals = [{"dense": d, "pruned": p, **meta, "dtype": "fp32", "seed": cfg.seed} for d, p, (_, meta)
+             in zip(job.dense_ppl or [], pruned_ppl or [None] * len(job.loaded.evals), job.loaded.evals)]
     return {
         "loraprune_version": __version__,
         "torch": torch.__version__,
@@ -69,13 +71,15 @@ def build_report(job, export_info: dict | None, pruned_ppl: dict | None) -> dict
         "loss_window_steps": k,
         "losses": losses,
         "loss_parts": h.parts,
+        "ratio_per_step": h.ratios,
         "mean_step_s": _mean(h.step_times),
         "mean_step_cpu_s": _mean(h.step_cpu),
+        "step_cpu": h.step_cpu,
         "train_sequences": int(job.loaded.seqs.shape[0]),
         "ramp_start_end_steps": list(Ramp.from_config(cfg).bounds()),
         "mask_history": [],
-        "eval": {"dense": job.dense_ppl, "pruned": pruned_ppl, **job.loaded.eval_meta, "dtype": "fp32",
-                 "seed": cfg.seed},
+        "evals": evals,
+        "eval": evals[0] if evals else {"dense": None, "pruned": None, "dtype": "fp32", "seed": cfg.seed},
         "export": export_info,
         "wall_s": time.time() - job.t0,
         "peak_rss_mb": peak_rss_mb(),
@@ -89,7 +93,6 @@ def _fmt(x, nd=2):
 
 def render_markdown(r: dict) -> str:
     c = r["config"]
-    ev = r["eval"]
     lines = [
         f"# loraprune report: {c['criterion']} criterion, {c['schedule']} schedule, ratio {c['ratio']}",
         "",
@@ -106,17 +109,21 @@ def render_markdown(r: dict) -> str:
         *_sparsity_lines(r.get("sparsity")),
         f"| training loss start -> end (mean of {r['loss_window_steps']} steps) | "
         f"{_fmt(r['loss_start'], 3)} -> {_fmt(r['loss_end'], 3)} |",
+        *_part_lines(r),
     ]
-    if ev.get("dense"):
+    for k, ev in enumerate(r.get("evals") or ([r["eval"]] if r["eval"].get("dense") else [])):
         d, p = ev["dense"], ev["pruned"]
-        lines.append(f"| held-out PPL dense -> pruned | {_fmt(d['ppl'])} -> {_fmt(p['ppl'])} "
-                     f"({ev['dataset']}, {d['windows']} windows x {d['ctx']} tokens, sha {ev['content_sha256_16']}) |")
+        label = "held-out" if k == 0 else ev["dataset"].upper() if ev["dataset"] == "ptb" else ev["dataset"]
+        lines.append(f"| {label} PPL dense -> pruned | {_fmt(d['ppl'])} -> {_fmt(p['ppl'])} "
+                     f"({_ratio(p['ppl'], d['ppl'])}; {ev['dataset']} {ev['split']}, {d['windows']} windows x "
+                     f"{d['ctx']} tokens, sha {ev['content_sha256_16']}) |")
     lines += [
         f"| steps x batch x seq | {c['steps']} x {c['batch_size'] * c['grad_accum']} x {c['seq_len']} "
         f"(mean step {_fmt(r['mean_step_s'])} s) |",
         f"| wall time | {_fmt(r['wall_s'], 1)} s |",
         f"| peak memory (RSS) | {_fmt(r['peak_rss_mb'], 0)} MB |",
         "",
+        *_plot_lines(r),
         "Per-layer kept units (heads / KV heads / FFN channels):",
         "",
         "| layer | heads | KV heads | FFN channels |",
@@ -129,6 +136,27 @@ def render_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot_lines(r: dict) -> list[str]:
+    from .plots import LAYERS, TRAINING
+
+    plots = r.get("plots")
+    if plots is None:  # a report rendered outside a run directory
+        return []
+    if not plots:
+        return ["(Plots need matplotlib: pip install 'loraprune[plot]'.)", ""]
+    return [f"![training loss and pruned ratio per step]({TRAINING})", "",
+            f"![kept heads, KV heads and FFN channels per layer]({LAYERS})", ""]
+
+
+def _part_lines(r: dict) -> list[str]:
+    """CE and KL start -> end when the objective has more than one part (distillation)."""
+    parts, k = r.get("loss_parts") or {}, r["loss_window_steps"]
+    if len(parts) < 2:
+        return []
+    return [f"| {name.upper()} start -> end | {_fmt(_mean(v[:k]), 3)} -> {_fmt(_mean(v[-k:]), 3)} |"
+            for name, v in parts.items()]
+
+
 def _sparsity_lines(sp: dict | None) -> list[str]:
     """--pattern N:M / unstructured (core/element_pruning.py, describe); nothing otherwise."""
     if not sp:
@@ -137,6 +165,10 @@ def _sparsity_lines(sp: dict | None) -> list[str]:
             f"{sp['total']:,} projection weights zero ({100 * sp['sparsity']:.2f}%) |")
     nz = sp.get("nonzero_params")
     return [line] + ([f"| nonzero parameters | {nz:,} |"] if nz is not None else [])
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
 
 
 def _pct(x):
@@ -158,6 +190,9 @@ def _ranges(idx: list[int]) -> str:
 
 
 def write_report(report: dict, out_dir: Path) -> None:
+    from .plots import write_plots
+
     out_dir = Path(out_dir)
+    report["plots"] = write_plots(report, out_dir)
     write_text(out_dir / "report.md", render_markdown(report))
     write_json(out_dir / "report.json", report)  # last: it marks the directory complete

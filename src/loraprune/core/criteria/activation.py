@@ -7,6 +7,8 @@ The structured `activation` criterion and the element `wanda` scorer (criteria/e
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..arch import LayerSpec, layer_modules
@@ -16,6 +18,17 @@ from .base import Criterion
 
 
 class InputSquares:
+    _paused = 0  # > 0 inside paused(): no instance records (the dense teacher's forward)
+
+    @classmethod
+    @contextmanager
+    def paused(cls):
+        cls._paused += 1
+        try:
+            yield
+        finally:
+            cls._paused -= 1
+
     def __init__(self):
         self.sq: dict[tuple[int, str], torch.Tensor] = {}
         self._handles: list = []
@@ -28,6 +41,8 @@ class InputSquares:
 
     def _hook(self, key):
         def hook(_mod, args):
+            if InputSquares._paused:
+                return
             x = args[0].detach()
             sq = x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)  # [in]
             prev = self.sq.get(key)
