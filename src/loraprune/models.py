@@ -134,7 +134,7 @@ def _export_class(path: str):
 
 
 def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = False,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", quant: str = "none"):
     """Load a causal LM. Weights come from safetensors via from_pretrained; no foreign code runs
     unless the caller passes trust_remote_code=True. Our own heterogeneous exports are built with
     the classes of the installed loraprune (the copy of modeling_loraprune.py next to their weights
@@ -147,9 +147,10 @@ def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = 
     dt = torch_dtype(dtype)
     register_auto_classes()  # exports of loraprune < 0.2 (model_type loraprune_llama)
     loader = _export_class(path) or AutoModelForCausalLM
+    kw = _quant_kwargs(quant, dtype, device)
     try:
         model = loader.from_pretrained(
-            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None)
+            path, dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None, **kw)
     except OSError as err:
         if Path(path).is_dir():
             raise UserError(f"cannot read the model in {path}: {str(err).splitlines()[0]}") from None
@@ -165,6 +166,24 @@ def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = 
             raise UserError(f"{path} needs custom code to load; rerun with --trust-remote-code "
                             "if you trust it") from None
         raise UserError(f"cannot load model {path}: {msg}") from None
-    model.to(device)
+    if kw:
+        from .core.quant import release_checkpoint_pages
+
+        release_checkpoint_pages(model)
+    else:
+        model.to(device)
     model.eval()
     return model
+
+
+def _quant_kwargs(quant: str, dtype: str, device) -> dict:
+    """from_pretrained arguments of a quantized load (bitsandbytes places the weights itself)."""
+    if quant in (None, "none"):
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401  (only: is it installed?)
+    except ImportError:
+        raise UserError(f"--base-quant {quant} needs bitsandbytes: pip install 'loraprune[quant]'") from None
+    from .core.quant import bnb_config
+
+    return {"quantization_config": bnb_config(quant, dtype), "device_map": {"": str(device)}}

@@ -38,3 +38,13 @@ def rss_mb() -> float:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return peak_rss_mb()
+
+
+def reset_peak() -> bool:
+    """Restart the peak (VmHWM) from the current RSS (Linux: /proc/self/clear_refs); False elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False

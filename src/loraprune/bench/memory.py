@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 MODES = ("inference", "lora", "mask-taylor", "taylor")
 SHAPES = {
@@ -40,6 +41,7 @@ SHAPES = {
                  intermediate_size=96, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False),
 }
 DTYPES = ("fp32", "bf16")
+QUANT_DTYPES = ("int8", "nf4")   # a bitsandbytes-quantized base, loaded from a saved random checkpoint
 MALLOC_ENV = {"default": {}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
@@ -55,6 +57,7 @@ class Case:
     threads: int = 0
     seed: int = 0
     malloc: str = "default"  # "mmap": glibc returns every freed block over 128 KiB to the OS at once
+    checkpoint: str | None = None  # int8 / nf4: the random checkpoint of `shape` to load quantized
 
 
 # ---- driver: one subprocess per case, repeated -------------------------------------------------
@@ -77,9 +80,22 @@ def plan(base: Case, modes, dtypes, checkpointing, mallocs=("default",)) -> list
     for ma in mallocs:
         for dt in dtypes:
             for mode in modes:
+                if mode == "taylor" and dt in QUANT_DTYPES:
+                    continue  # a quantized base has no weight gradients
                 for ck in ([False] if mode == "inference" else checkpointing):
                     cases.append(replace(base, mode=mode, dtype=dt, checkpointing=ck, malloc=ma))
     return cases
+
+
+def ensure_checkpoint(shape: str, root: Path) -> Path:
+    """A random checkpoint of `shape` (bf16 weights, saved once) for the quantized cases; built in a
+    subprocess so this driver never holds the model."""
+    path = Path(root) / f"random-{shape}-bf16"
+    if not (path / "config.json").is_file():
+        code = ("import sys; from loraprune.bench.memory_probe import save_random_checkpoint; "
+                "save_random_checkpoint(sys.argv[1], sys.argv[2])")
+        subprocess.run([sys.executable, "-c", code, shape, str(path)], check=True)
+    return path
 
 
 def run_all(cases: list[Case], repeats: int, on_result=None) -> list[dict]:
@@ -120,8 +136,8 @@ def summarize(results: list[dict]) -> list[dict]:
                     row[k] = statistics.mean(vals)
         rows.append(row)
     by = {(r["malloc"], r["dtype"], r["checkpointing"], r["mode"]): r for r in rows}
-    for r in rows:
-        t = by.get((r["malloc"], r["dtype"], r["checkpointing"], "taylor"))
+    for r in rows:  # a quantized base is compared with taylor on fp32 (the only taylor it could replace)
+        t = by.get((r["malloc"], "fp32" if r["dtype"] in QUANT_DTYPES else r["dtype"], r["checkpointing"], "taylor"))
         inf = by.get((r["malloc"], r["dtype"], False, "inference"))
         # raw peaks, and peaks above the process's start (Python + torch imports: what a GPU number omits)
         for key, ref in (("vs_taylor", t), ("vs_inference", inf)):

@@ -13,8 +13,8 @@ from dataclasses import asdict
 import torch
 
 from ..sysmem import peak_rss_mb as peak_mb
-from ..sysmem import rss_mb
-from .memory import SHAPES, Case
+from ..sysmem import reset_peak, rss_mb
+from .memory import QUANT_DTYPES, SHAPES, Case
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -112,6 +112,23 @@ def scoring_step(model, ids, spec, masks, criterion, out: dict) -> None:
     out["loss"] = float(loss)
 
 
+def save_random_checkpoint(shape: str, path: str) -> None:
+    """The random model of `shape` in bf16, saved with save_pretrained (for the quantized cases)."""
+    build_model(shape, "bf16").save_pretrained(path)
+
+
+def model_for(case: Case):
+    """The case's base: built in place (fp32 / bf16), or loaded quantized from its checkpoint (the
+    float pages of the file released; peak RSS restarts from there, so loading is not measured)."""
+    if case.dtype not in QUANT_DTYPES:
+        return build_model(case.shape, case.dtype)
+    from ..models import load_model
+
+    model = load_model(case.checkpoint, "fp32", quant=case.dtype)
+    reset_peak()
+    return model
+
+
 def measure(case: Case) -> dict:
     """Run one case in this process and return its numbers (call it in a fresh process)."""
     if case.threads:
@@ -119,14 +136,14 @@ def measure(case: Case) -> dict:
     torch.manual_seed(case.seed)
     out = {"case": asdict(case), "rss_start_mb": rss_mb()}
     t0 = time.perf_counter()
-    model = build_model(case.shape, case.dtype)
+    model = model_for(case)
     out["build_s"] = time.perf_counter() - t0
     out["rss_weights_mb"] = rss_mb()
     ids = torch.randint(0, model.config.vocab_size, (case.batch, case.seq))
     if case.mode != "inference":
         model, spec, masks, criterion = attach_scoring(case, model, out)
     params = list(model.parameters())
-    out["param_bytes"] = sum(p.numel() * p.element_size() for p in params)
+    out["param_bytes"] = sum(p.numel() * p.element_size() for p in params)  # as stored (4-bit: packed)
     out["trainable_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     out["rss_before_step_mb"] = rss_mb()
     t1 = time.perf_counter()

@@ -90,6 +90,8 @@ class BenchOptions:
                 "eval_windows": 0}
         if self.patterns != ["structured"] or self.speed:
             vals.update(row_values(self, row))
+        if vals.get("base_quant", "none") != "none":
+            vals["export"] = True  # its model is the export: LoRA merged into the dequantized weights
         if self.threads:
             vals["threads"] = self.threads
         return PruneConfig.from_dict(vals)

@@ -30,14 +30,18 @@ def eval_model(model, tokenizer, opts: BenchOptions, seed: int, label: str) -> d
 
 
 def load_row_model(opts: BenchOptions, run_dir: Path):
-    """Base model + the row's adapter merged in + its masks attached (eval only)."""
+    """Base model + the row's adapter merged in + its masks attached (eval only). A row on a
+    quantized base is evaluated as its export (LoRA merged into the dequantized weights, sliced)."""
     from peft import PeftModel
 
     from ..core.arch import model_spec
     from ..core.masks import MaskSet
+    from ..files import read_json
     from ..models import load_model
 
     trust = bool(opts.prune_flags.get("trust_remote_code", False))
+    if (read_json(run_dir / "loraprune_config.json") or {}).get("base_quant", "none") != "none":
+        return load_model(str(run_dir), "fp32").eval()
     base = load_model(opts.model, "fp32", trust)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).merge_and_unload()
     if (run_dir / "element_masks.safetensors").is_file():  # N:M / unstructured row: zero the pruned weights

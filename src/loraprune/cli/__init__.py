@@ -64,6 +64,8 @@ def _quiet_third_party() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes' int8 eval path logs a cast notice on every call of every layer
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

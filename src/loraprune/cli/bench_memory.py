@@ -24,7 +24,12 @@ def register(sub) -> None:
     p.add_argument("--shape", default="tinyllama-1.1b", choices=sorted(SHAPES),
                    help="model shape (default: tinyllama-1.1b: hidden 2048, 22 layers, 32/4 heads, FFN 5632)")
     p.add_argument("--modes", type=_list, default=list(MODES), help=f"comma list (default: {','.join(MODES)})")
-    p.add_argument("--dtypes", type=_list, default=["fp32", "bf16"], help="comma list of fp32, bf16 (default: both)")
+    p.add_argument("--dtypes", type=_list, default=["fp32", "bf16"],
+                   help="comma list of fp32, bf16, int8, nf4 (int8/nf4: a bitsandbytes-quantized base, loaded from a "
+                        "random checkpoint saved once under --checkpoint-dir; taylor is skipped for them) "
+                        "(default: fp32,bf16)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where the random checkpoint of the quantized cases lives (default: loraprune's cache)")
     p.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
                    help="gradient checkpointing for the backward modes (default: both)")
     p.add_argument("--malloc", type=_list, default=["default", "mmap"],
@@ -39,13 +44,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..bench.memory import MALLOC_ENV, MODES, SHAPES, Case, plan, render_markdown, run_all, summarize
+    from ..bench.memory import (DTYPES, MALLOC_ENV, MODES, QUANT_DTYPES, SHAPES, Case, ensure_checkpoint, plan,
+                                render_markdown, run_all, summarize)
 
-    bad = ([m for m in args.modes if m not in MODES] + [d for d in args.dtypes if d not in ("fp32", "bf16")]
+    bad = ([m for m in args.modes if m not in MODES] + [d for d in args.dtypes if d not in DTYPES + QUANT_DTYPES]
            + [m for m in args.malloc if m not in MALLOC_ENV])
     if bad or not args.modes or not args.dtypes or not args.malloc:
         raise UserError(f"unknown mode/dtype/malloc {', '.join(bad) or '(none)'}; modes: {', '.join(MODES)}; "
-                        f"dtypes: fp32, bf16; malloc: {', '.join(MALLOC_ENV)}")
+                        f"dtypes: {', '.join(DTYPES + QUANT_DTYPES)}; malloc: {', '.join(MALLOC_ENV)}")
     if args.batch < 1 or args.seq < 2 or args.repeats < 1:
         raise UserError("--batch and --repeats must be >= 1 and --seq >= 2")
     if args.seq > SHAPES[args.shape]["max_position_embeddings"]:
@@ -54,7 +60,13 @@ def run(args) -> int:
     if out and out.exists() and not out.is_dir():
         raise UserError(f"--out {args.out} is a file")
     ck = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    base = Case("inference", shape=args.shape, batch=args.batch, seq=args.seq, threads=args.threads)
+    ckpt = None
+    if any(d in QUANT_DTYPES for d in args.dtypes):
+        from ..models import cache_dir
+
+        ckpt = str(ensure_checkpoint(args.shape, Path(args.checkpoint_dir) if args.checkpoint_dir
+                                     else cache_dir() / "bench-memory"))
+    base = Case("inference", shape=args.shape, batch=args.batch, seq=args.seq, threads=args.threads, checkpoint=ckpt)
     cases = plan(base, args.modes, args.dtypes, ck, args.malloc)
     t0 = time.time()
 

@@ -17,6 +17,8 @@ def register(sub) -> None:
                         "Without it a stock config is still written whenever the counts allow")
     p.add_argument("--save-dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="dtype of the saved weights (default: the run's --save-dtype)")
+    p.add_argument("--save-quant", choices=("none", "int8", "nf4"), default=None,
+                   help="re-quantize the compact model with bitsandbytes (default: the run's --save-quant)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.set_defaults(func=run)
@@ -30,7 +32,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = export_run(args.run_dir, args.out, uniform=args.uniform, save_dtype=args.save_dtype,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, save_quant=args.save_quant)
     load = ("AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  (or `import loraprune` first)"
             if info["needs_trust_remote_code"] else "AutoModelForCausalLM.from_pretrained(DIR)")
     print(f"wrote {info['out']}: {info['params']:,} parameters, {info['kind']} {info['model_type']} "

@@ -17,6 +17,7 @@ IMPORTANCE = ("squared", "abs-norm")
 LORA_PROJECTIONS = ("all", "rows")
 SCHEDULES = ("iterative", "oneshot")
 ALLOCATIONS = ("uniform", "global")
+QUANTS = ("none", "int8", "nf4")       # --base-quant / --save-quant (bitsandbytes; core/quant.py)
 DTYPES = ("fp32", "bf16", "fp16")      # every dtype name loraprune accepts (models.torch_dtype maps them)
 DTYPE_CHOICES = ("fp32", "bf16")       # compute dtypes of training (bf16 = autocast)
 SAVE_DTYPES = DTYPES
@@ -82,6 +83,9 @@ class PruneConfig:
     dtype: str = _f("fp32", "compute dtype: fp32, or bf16 (autocast, fp32 master weights)",
                     choices=DTYPE_CHOICES)
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    base_quant: str = _f("none", "load the frozen base quantized: none, int8 or nf4 (bitsandbytes); criteria read "
+                         "the dequantized weights, the export merges LoRA into them in float (core/quant.py)",
+                         choices=QUANTS)
     seed: int = _f(0, "seed for data order, LoRA init and random choices")
     # evaluation in the report
     eval_data: str = _f("sotu-heldout,ptb", "held-out texts (comma list) for the dense-vs-pruned perplexity in the "
@@ -94,6 +98,8 @@ class PruneConfig:
     export: bool = _f(True, "write the compact (merged, sliced) model; --no-export keeps only adapter + masks")
     uniform: bool = _f(False, "every layer keeps the same counts (no skipped layers): a stock config")
     save_dtype: str = _f("fp32", "dtype of the saved weights: fp32, bf16, fp16", choices=SAVE_DTYPES)
+    save_quant: str = _f("none", "re-quantize the compact model on save: none, int8 or nf4 (bitsandbytes; loads "
+                         "with from_pretrained and bitsandbytes installed)", choices=QUANTS)
     trust_remote_code: bool = _f(False, "allow custom modeling code of the --model you pass")
     threads: int = _f(0, "torch threads (0: torch's default)")
     # long runs
@@ -142,12 +148,22 @@ class PruneConfig:
             raise UserError(f"--min-keep {self.min_keep} is outside (0, 1]")
         if self.allocation == "global" and self.uniform:
             raise UserError("--uniform keeps every layer alike; it conflicts with --allocation global")
+        if self.base_quant != "none":
+            if self.criterion == "taylor":
+                raise UserError("--criterion taylor needs gradients of the base weights, which a quantized base "
+                                f"(--base-quant {self.base_quant}) cannot have; use lora, mask-taylor or activation")
+            if self.pattern != "structured":
+                raise UserError(f"--pattern {self.pattern} masks the float weight itself; it needs --base-quant none")
+        if self.save_quant != "none" and not self.export:
+            raise UserError("--save-quant quantizes the exported model; it needs the export (drop --no-export)")
+        if self.save_quant != "none" and self.pattern != "structured":
+            raise UserError(f"--save-quant would re-round the exact zeros of --pattern {self.pattern}; save it in float")
         if not self.eval_list:
             raise UserError("--eval-data needs at least one text (e.g. sotu-heldout,ptb)")
         crits = ELEMENT_CRITERIA if self.pattern != "structured" else CRITERIA
         for name, allowed in (("criterion", crits), ("importance", IMPORTANCE),
                               ("lora_projections", LORA_PROJECTIONS), ("schedule", SCHEDULES),
-                              ("allocation", ALLOCATIONS),
+                              ("allocation", ALLOCATIONS), ("base_quant", QUANTS), ("save_quant", QUANTS),
                               ("dtype", DTYPE_CHOICES), ("save_dtype", SAVE_DTYPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; "

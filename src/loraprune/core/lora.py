@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from . import quant
 
 
 def is_lora(mod) -> bool:
@@ -28,8 +29,12 @@ def base_linear(mod):
 
 
 def base_weight(mod) -> torch.Tensor:
-    """The frozen weight [out, in] as float32, detached (one temporary per module at most)."""
-    return base_linear(mod).weight.detach().float()
+    """The frozen weight [out, in] as float32, detached: for a quantized base the dequantized weight
+    (one temporary per module); for an fp32 base the parameter itself -- do not modify it."""
+    linear = base_linear(mod)
+    if quant.is_quantized(linear.weight):
+        return quant.dequantize(linear)
+    return linear.weight.detach().float()
 
 
 @dataclass
@@ -79,6 +84,7 @@ def merged_weight(mod) -> torch.Tensor:
     """W' [out, in] in float32 that `mod` computes in eval mode: W + (B @ A)·s for an active LoRA
     layer, W for a plain Linear (or a disabled / merged adapter). One temporary, freed by the caller."""
     if not adds_lora(mod):
-        return base_weight(mod).clone() if base_linear(mod).weight.dtype == torch.float32 else base_weight(mod)
+        w = base_weight(mod)
+        return w.clone() if w.data_ptr() == base_linear(mod).weight.data_ptr() else w
     p = lora_parts(mod)
     return merge(base_weight(mod), p.A.float(), p.B.float(), p.scaling)

@@ -17,6 +17,7 @@ import torch
 
 from ..core.arch import decoder_layers, unwrap
 from ..core.config import SAVE_DTYPES
+from ..core.quant import n_params
 from ..core.masks import MaskSet
 from ..errors import UserError
 from ..models import torch_dtype
@@ -30,9 +31,7 @@ log = logging.getLogger(__name__)
 def predicted_params(model, masks: MaskSet) -> int:
     """Parameters of the exported model predicted from the source and the masks: dense count (LoRA
     excluded) minus masks.params_removed() (which counts q/k/v and gate/up biases when present)."""
-    base = unwrap(model)
-    dense = sum(p.numel() for n, p in base.named_parameters() if ".lora_" not in n)
-    return dense - masks.params_removed()
+    return n_params(unwrap(model), skip_lora=True) - masks.params_removed()
 
 
 def build_compact_model(model, masks: MaskSet, uniform: bool = False, element_masks=None):
@@ -87,11 +86,14 @@ def _materialize_buffers(compact, base) -> None:
 
 
 def export_compact(model, masks: MaskSet, out_dir, *, tokenizer=None, uniform: bool = False,
-                   save_dtype: str = "fp32", element_masks=None) -> dict:
+                   save_dtype: str = "fp32", element_masks=None, save_quant: str = "none") -> dict:
+    # params: the model and its masks, where to write, then keyword-only options of the files
     """Write the compact model (config.json, model.safetensors, generation_config.json, tokenizer
     files, modeling_loraprune.py when heterogeneous) into out_dir; return what was written.
+    `save_quant` int8/nf4: the compact float model is then re-quantized with bitsandbytes.
 
-    `model`: a transformers LLaMA-family CausalLM, optionally peft-wrapped with LoRA; not modified."""
+    `model`: a transformers LLaMA-family CausalLM, optionally peft-wrapped with LoRA (on a float or a
+    quantized base: LoRA is merged into the dequantized weights in float); not modified."""
     if save_dtype not in SAVE_DTYPES:
         raise UserError(f"unknown save dtype {save_dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
     compact = build_compact_model(model, masks, uniform, element_masks)
@@ -122,7 +124,29 @@ def export_compact(model, masks: MaskSet, out_dir, *, tokenizer=None, uniform: b
     }
     if element_masks is not None:
         info["sparsity_verified"] = _verify(out_dir)
+    if save_quant != "none":
+        if element_masks is not None:
+            raise UserError("--save-quant would re-round the exact zeros of an element pattern; save it in float")
+        _requantize(out_dir, save_quant)
+        info["quant"] = save_quant
+    info["file_bytes"] = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     return info
+
+
+def _requantize(out_dir: Path, quant: str) -> None:
+    """Load the float files just written with bitsandbytes' quantization and save those instead."""
+    import os
+    import shutil
+
+    from ..models import load_model
+
+    q = load_model(str(out_dir), "fp32", quant=quant)
+    tmp = out_dir / ".quantized"
+    q.save_pretrained(tmp)
+    del q
+    for f in tmp.iterdir():
+        os.replace(f, out_dir / f.name)
+    shutil.rmtree(tmp)
 
 
 def _verify(out_dir: Path) -> dict:

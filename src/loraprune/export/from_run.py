@@ -26,7 +26,7 @@ def read_run(run_dir: str) -> tuple[Path, dict]:
 
 
 def export_run(run_dir: str, out: str, *, uniform: bool | None = None, save_dtype: str | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, save_quant: str | None = None) -> dict:
     """Library form of the command: returns the export info (also written to OUT/export.json)."""
     from ..files import atomic_dir, check_out_dir, write_json
 
@@ -46,7 +46,7 @@ def export_run(run_dir: str, out: str, *, uniform: bool | None = None, save_dtyp
 
     trust = bool(cfg.get("trust_remote_code", False))
     tokenizer = load_tokenizer(cfg.get("model"), trust)
-    model = load_model(cfg.get("model"), "fp32", trust)
+    model = load_model(cfg.get("model"), "fp32", trust, quant=cfg.get("base_quant", "none"))  # the run's base
     spec = model_spec(model.config)
     masks = MaskSet.load(run / "masks.json", spec)
     element_masks = None
@@ -62,7 +62,7 @@ def export_run(run_dir: str, out: str, *, uniform: bool | None = None, save_dtyp
     model.eval()
     with atomic_dir(out_path) as tmp:
         info = export_compact(model, masks, tmp, tokenizer=tokenizer, uniform=uniform, save_dtype=save_dtype,
-                              element_masks=element_masks)
+                              element_masks=element_masks, save_quant=save_quant or cfg.get("save_quant", "none"))
         info["source_run"] = str(run.resolve())
         write_json(tmp / "export.json", info)
     info["out"] = str(out_path)

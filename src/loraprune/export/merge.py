@@ -6,15 +6,18 @@ import torch
 
 from ..core.arch import unwrap
 from ..core.lora import adds_lora, base_linear, is_lora, merged_weight
+from ..core.quant import is_quantized
 from ..errors import UserError
 
 
 def merged_linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [out, in], bias [out] or None) that `module` computes in eval mode: a plain Linear, or
-    a peft LoRA Linear with its active, not yet merged adapter added (W + s*B@A), in the base
-    weight's dtype. Read-only."""
+    """(weight [out, in], bias [out] or None) that `module` computes: a plain Linear, or a peft LoRA
+    Linear with its active, not yet merged adapter added (W + s*B@A), in the base weight's float
+    dtype (fp32 for a quantized base: the dequantized weight). Read-only."""
     base = base_linear(module)
     bias = None if base.bias is None else base.bias.detach()
+    if is_quantized(base.weight):
+        return merged_weight(module), None if bias is None else bias.float()
     if not adds_lora(module):
         return base.weight.detach(), bias  # forward uses base_layer alone (merged adapters are already in it)
     return merged_weight(module).to(base.weight.dtype), bias

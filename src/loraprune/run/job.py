@@ -22,6 +22,7 @@ from ..core.element_pruning import build_element_pruning
 from ..core.masks import MaskSet
 from ..core.objective import build_objective, dense_teacher
 from ..core.pruning import UnitPruning, UnitTarget
+from ..core.quant import n_params
 from ..core.schedule import Ramp
 from .dist import Dist
 from .prepare import seed_everything
@@ -162,7 +163,7 @@ def build_prunings(cfg: PruneConfig, model, masks: MaskSet) -> list:
 
 
 def build_job(cfg: PruneConfig, d: Dist, loaded: Loaded, paths: RunPaths) -> Job:
-    params_dense = sum(p.numel() for p in loaded.model.parameters())
+    params_dense = n_params(loaded.model)  # a 4-bit weight counts the weights it packs
     model = attach_lora(cfg, loaded.model)
     masks = MaskSet(loaded.spec, loaded.prunable, uniform_heads=cfg.uniform)
     masks.attach(model)

@@ -56,7 +56,7 @@ def prune(cfg: PruneConfig, hooks: Hooks | None = None, resume: str | None = Non
 def load(cfg: PruneConfig, d: Dist, hooks: Hooks) -> Loaded:
     """The model, tokenizer, spec, prunable layers, training rows and held-out text, checked."""
     hooks.phase("loading model")
-    model = load_model(cfg.model, "fp32", cfg.trust_remote_code, d.device)
+    model = load_model(cfg.model, "fp32", cfg.trust_remote_code, d.device, quant=cfg.base_quant)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     spec = model_spec(model.config)
     skip = parse_layers(cfg.skip_layers, spec.num_layers)

@@ -66,7 +66,8 @@ def write_outputs(job, pruned_ppl: dict | None) -> dict:
 
         handoff = job.handoff()
         export_info = export_compact(job.model, handoff.pop("masks"), part, tokenizer=job.tokenizer,
-                                     uniform=cfg.uniform, save_dtype=cfg.save_dtype, **handoff)
+                                     uniform=cfg.uniform, save_dtype=cfg.save_dtype, save_quant=cfg.save_quant,
+                                     **handoff)
     job.model.save_pretrained(part / "adapter")
     job.masks.save(part / "masks.json")
     cfg.save(part / "loraprune_config.json")
