@@ -131,3 +131,38 @@ def test_bench_memory_tiny_shape_every_mode(tmp_path):
     assert runs[("taylor", False)]["base_grad_bytes"] > 0
     assert runs[("lora", False)]["base_grad_bytes"] == 0 and runs[("mask-taylor", True)]["base_grad_bytes"] == 0
     assert "| default | fp32 | off | lora |" in (out / "memory.md").read_text()
+
+
+def test_bench_recipes_at_equal_cpu_time(tiny_model_dir, text_file, tmp_path):
+    """--recipes rows (named flag sets) x ratios, --time-budget steps from each row's probe, resumable."""
+    recipes = tmp_path / "recipes.yaml"
+    recipes.write_text("recipes:\n"
+                       "  - {name: plain-ce, label: 'lora, CE', flags: {criterion: lora, distill_alpha: 0.0}}\n"
+                       "  - {name: distill, label: 'lora + distillation', flags: {criterion: lora, distill_alpha: 0.5,"
+                       " allocation: global}}\n")
+    out = tmp_path / "bench"
+    args = bench_args(tiny_model_dir(), text_file, out, "--ratios", "0.5", "--recipes", recipes,
+                      "--time-budget", 1.0, "--probe-steps", 3)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    rows = {x["id"]: x for x in doc["rows"]}
+    assert list(rows) == ["plain-lora-r0", "plain-ce-r0.5", "distill-r0.5"]
+    for rec in rows.values():
+        p = rec["probe"]
+        assert rec["steps"] == max(3, int(1.0 // p["cpu_per_step_s"])) == p["steps"]
+        assert rec["tokens_seen"] == rec["steps"] * 2 * 32 and rec["train_cpu_s"] > 0
+        assert (out / "probes" / f"{rec['id']}.json").is_file()
+    cfg = json.loads((out / rows["distill-r0.5"]["run_dir"] / "loraprune_config.json").read_text())
+    assert (cfg["distill_alpha"], cfg["allocation"], cfg["steps"]) == (0.5, "global", rows["distill-r0.5"]["steps"])
+    assert json.loads((out / rows["plain-lora-r0"]["run_dir"] / "loraprune_config.json").read_text())["distill_alpha"] == 0
+    md = (out / "results.md").read_text()
+    assert "| lora + distillation | - | 0.5 |" in md and "tokens seen" in md and "Recipe `distill`" in md
+    stamps = {f: f.stat().st_mtime_ns for f in (out / "logs").iterdir()}
+    r = cli(*args, "--resume")   # everything reused: no probe and no prune subprocess runs again
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {f: f.stat().st_mtime_ns for f in (out / "logs").iterdir()} == stamps
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipes:\n  - {name: x, flags: {ratio: 0.3}}\n")
+    r = cli(*bench_args(tiny_model_dir(), text_file, tmp_path / "b2", "--recipes", bad))
+    assert r.returncode == 2 and "cannot set" in r.stderr

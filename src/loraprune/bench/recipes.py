@@ -12,7 +12,7 @@ a probe run of the row's own config (--probe-steps steps, no evaluation, no expo
 time per optimizer step (the first step, a warm-up, excluded), and the row then runs
 floor(S / that) steps. Process CPU time, not wall time: rows that share the machine with other work
 (or with each other, one thread each) are still given the same compute. The probe is kept in
-runs/<row>/probe.json and reused by --resume.
+probes/<row>.json and reused by --resume.
 """
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ def load_recipes(path: str) -> list[dict]:
 
 def budget_steps(cfg: PruneConfig, run_dir: Path, opts, run_prune) -> tuple[PruneConfig, dict]:
     """The row's config with steps = floor(time_budget / CPU per step), from a probe run (cached)."""
-    probe_dir = run_dir.parent.parent / "probes" / run_dir.name
+    probe_dir = run_dir.parent.parent / "probes" / run_dir.name   # (a prune run replaces run_dir)
+    record = probe_dir.parent / f"{run_dir.name}.json"
     probe_cfg = replace(cfg, steps=opts.probe_steps, out=str(probe_dir), save_every=0, export=False, eval_windows=0)
     probe_cfg = PruneConfig.from_dict(probe_cfg.to_dict())  # re-validated (ramp, lr warm-up)
-    cached = read_json(run_dir / "probe.json") if opts.resume else None
+    cached = read_json(record) if opts.resume else None
     if not cached or cached.get("config") != probe_cfg.to_dict() or cached.get("time_budget") != opts.time_budget:
         rc, last = run_prune(probe_cfg, run_dir.parent.parent / "logs" / f"{run_dir.name}.probe.log")
         rep = read_json(probe_dir / "report.json") if rc == 0 else None
@@ -60,6 +61,5 @@ def budget_steps(cfg: PruneConfig, run_dir: Path, opts, run_prune) -> tuple[Prun
         per_step = sum(cpu) / len(cpu)
         cached = {"config": probe_cfg.to_dict(), "time_budget": opts.time_budget, "probe_steps": opts.probe_steps,
                   "cpu_per_step_s": per_step, "steps": max(opts.probe_steps, int(opts.time_budget // per_step))}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "probe.json", cached)
+        write_json(record, cached)
     return PruneConfig.from_dict({**cfg.to_dict(), "steps": cached["steps"]}), cached
