@@ -73,11 +73,22 @@ def test_bench_two_criteria_writes_table_and_plot(tiny_model_dir, text_file, tmp
     doc2 = json.loads((out / "results.json").read_text())
     assert [x["eval"] for x in doc2["rows"]] == [x["eval"] for x in doc["rows"]]
 
+    # --jobs 2: rows train side by side; the table keeps row order and the same numbers
+    out3 = tmp_path / "bench-jobs"
+    r3 = cli(*bench_args(tiny_model_dir(), text_file, out3, "--ratios", "0.5", "--criteria", "lora,mask-taylor",
+                         "--schedules", "iterative", "--jobs", 2))
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    doc3 = json.loads((out3 / "results.json").read_text())
+    assert doc3["complete"] and [x["id"] for x in doc3["rows"]] == [x["id"] for x in doc["rows"]]
+    nll = lambda d: [{k: v["nll"] for k, v in x["eval"].items()} for x in d["rows"]]  # noqa: E731
+    assert nll(doc3) == nll(doc)
+
 
 @pytest.mark.parametrize("extra, msg", [
     (["--ratios", "0.5,1.2"], "--ratios"),
     (["--criteria", "lora,nope"], "--criteria"),
     (["--schedules", "sometimes"], "--schedules"),
+    (["--jobs", "0"], "--jobs"),
     (["--lr", "-1"], "--lr"),
 ])
 def test_bench_bad_input_exit_2_before_any_run(extra, msg, tiny_model_dir, text_file, tmp_path):

@@ -10,6 +10,7 @@ from loraprune.core.arch import TARGET_MODULES, layer_modules, model_spec
 from loraprune.core.criteria import build_criterion
 from loraprune.core.lora import base_linear, base_weight
 from loraprune.core.masks import MaskSet
+from loraprune.errors import UserError
 from loraprune.models import load_model
 from test_cli_prune import cli, tiny_args
 
@@ -70,7 +71,7 @@ def test_criteria_read_the_dequantized_merged_weight(quant, tiny_model_dir):
         want = 0.0
         for name, side in (("gate_proj", "row"), ("up_proj", "row"), ("down_proj", "col")):
             m = mods[name]
-            w = reference_dequant(base_linear(m)) + m.get_delta_weight("default").float()
+            w = (reference_dequant(base_linear(m)) + m.get_delta_weight("default").float()).detach()
             want += float((w[c] if side == "row" else w[:, c]).pow(2).sum())
         assert got["ffn"][c].item() == pytest.approx(want, rel=1e-5)
     masks = MaskSet(spec)
@@ -107,15 +108,16 @@ def test_prune_on_a_quantized_base_exports_the_model_it_trained(quant, tiny_mode
 
 
 def test_save_quant_writes_a_quantized_checkpoint_that_reloads(tiny_model_dir, text_file, tmp_path):
-    model_dir = tiny_model_dir()
+    # head_dim 64 and --round-to 64: every kept width fits bitsandbytes' 64-weight blocks (see next test)
+    model_dir = tiny_model_dir(heads=2, kv=1, hidden=128, inter=128)
     outs = {}
     for q in ("none", "nf4"):
         outs[q] = tmp_path / q
-        r = cli(*tiny_args(model_dir, text_file, outs[q], "--ratio", 0.5, "--skip-layers", "0",
+        r = cli(*tiny_args(model_dir, text_file, outs[q], "--ratio", 0.5, "--skip-layers", "0", "--round-to", 64,
                            "--base-quant", "int8", "--save-quant", q))   # heterogeneous: our classes
         assert r.returncode == 0, r.stderr[-3000:]
     cfg = json.loads((outs["nf4"] / "config.json").read_text())
-    assert cfg["quantization_config"]["quant_method"] == "bitsandbytes" and cfg["layer_intermediate_size"] == [96, 48]
+    assert cfg["quantization_config"]["quant_method"] == "bitsandbytes" and cfg["layer_intermediate_size"] == [128, 64]
     q = load_model(str(outs["nf4"]), "fp32")
     assert type(layer_modules(q, 0)["up_proj"]).__name__ == "Linear4bit"
     # the same weights as the float export (the two runs differ only in --save-quant), quantized the same way
@@ -130,8 +132,35 @@ def test_save_quant_writes_a_quantized_checkpoint_that_reloads(tiny_model_dir, t
     assert size["nf4"] < size["none"] and rep["export"]["quant"] == "nf4"
 
 
+def test_nf4_layers_use_the_kernel_every_cpu_runs(tiny_model_dir, tmp_path):
+    """On an AVX512-BF16 CPU bitsandbytes repacks a 4-bit layer on its first eval-mode no-grad forward,
+    which fails for an input width that is not a multiple of 64 (the tiny down_proj takes 96) and rounds
+    the block scales to bf16. Models we load keep the portable kernel, so this forward works and gives
+    the same numbers on every CPU; an export that a stock loader could not run is refused."""
+    from loraprune.core.quant import nf4_unfit_layers
+    from loraprune.export.compact import _requantize
+
+    d = tiny_model_dir()
+    model = load_model(str(d), "fp32", quant="nf4")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    down = layer_modules(model, 0)["down_proj"]
+    assert down.in_features == 96
+    model.eval()
+    x = torch.randn(1, 5, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = down(x)
+        ref = x @ bnb.functional.dequantize_4bit(down.weight.data, down.weight.quant_state).float().T
+    assert torch.allclose(y, ref, atol=1e-4), (y - ref).abs().max()
+    assert "model.layers.0.mlp.down_proj" in nf4_unfit_layers(model)
+    with pytest.raises(UserError, match="--round-to 64"):
+        _requantize(d, "nf4")
+    assert not (d / ".quantized").exists()
+
+
 @pytest.mark.parametrize("extra, msg", [
     (("--base-quant", "int8", "--criterion", "taylor"), "gradients of the base weights"),
+    (("--save-quant", "nf4", "--ratio", 0.5), "--round-to 64"),
     (("--base-quant", "nf4", "--pattern", "2:4"), "needs --base-quant none"),
     (("--save-quant", "int8", "--no-export"), "needs the export"),
     (("--base-quant", "fp8"), "unknown --base-quant"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -172,6 +173,10 @@ def load_model(name: str | None, dtype: str = "fp32", trust_remote_code: bool = 
         release_checkpoint_pages(model)
     else:
         model.to(device)
+    if "bitsandbytes" in sys.modules:  # a quantized base, or a --save-quant export
+        from .core.quant import portable_kernels
+
+        portable_kernels(model)
     model.eval()
     return model
 

@@ -25,8 +25,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +92,10 @@ class _Bench:
     protocols: dict   # eval name -> provenance of its text (for --resume)
     seed: int
     emit: object      # (kind, *args) -> None: progress events for the CLI
+    # --jobs > 1: rows' prune subprocesses run side by side, but this process evaluates one model at
+    # a time (one copy of the base model in memory, lm_eval's global state untouched by two threads)
+    eval_lock: threading.Lock = field(default_factory=threading.Lock)
+    doc_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=None) -> dict:
@@ -111,13 +117,21 @@ def run_bench(opts: BenchOptions, command: list[str] | None = None, on_event=Non
                eval_protocols(opts), int(opts.prune_flags.get("seed", PruneConfig().seed)), emit)
     _dense(b)
     rows = opts.rows()
-    for k, row in enumerate(rows, 1):
-        emit("row_start", k, len(rows), row)
-        rec = _row(b, row)
-        doc["rows"].append(rec)
-        step_ratios(doc)
-        emit("row_done", k, len(rows), rec)
-        _write_results(out, doc)
+    done: list = [None] * len(rows)
+
+    def one(k: int) -> None:
+        emit("row_start", k + 1, len(rows), rows[k])
+        rec = _row(b, rows[k])
+        with b.doc_lock:  # rows land in the table in row order, whichever finishes first
+            done[k] = rec
+            doc["rows"] = [r for r in done if r is not None]
+            step_ratios(doc)
+            emit("row_done", k + 1, len(rows), rec)
+            _write_results(out, doc)
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs)) as pool:
+        for f in [pool.submit(one, k) for k in range(len(rows))]:
+            f.result()
     if opts.speed:
         from .sparse import measure_speed
 
@@ -177,10 +191,11 @@ def _row(b: _Bench, row) -> dict:
             return {**rec, "status": "failed", "error": f"prune exited {rc}: {last}"}
     ev = read_json(run_dir / "eval.json") if opts.resume else None
     if ev is None or not same_protocol(ev, b.protocols, opts):
-        b.emit("phase", f"evaluating {row.id}")
-        model = load_row_model(opts, run_dir)
-        ev = eval_model(model, b.tokenizer, opts, b.seed, row.id)
-        del model
+        with b.eval_lock:
+            b.emit("phase", f"evaluating {row.id}")
+            model = load_row_model(opts, run_dir)
+            ev = eval_model(model, b.tokenizer, opts, b.seed, row.id)
+            del model
         write_json(run_dir / "eval.json", ev)
     if not opts.keep_adapters:
         shutil.rmtree(run_dir / "adapter", ignore_errors=True)

@@ -66,6 +66,7 @@ class BenchOptions:
     time_budget: float = 0.0        # CPU seconds of training steps per row (0: --steps for every row)
     probe_steps: int = 6            # steps of the probe run that measures a row's CPU time per step
     zero_shot_sample: int | None = None  # a seeded random N docs per zero-shot task
+    jobs: int = 1                   # rows trained side by side (each its own subprocess; --threads each)
 
     def rows(self) -> list[Row]:
         plain = Row("lora", "iterative", 0.0, flags={"distill_alpha": 0.0} if self.recipes else {})
@@ -113,6 +114,8 @@ def validate(opts: BenchOptions) -> None:
         raise UserError("--eval-ctx must be >= 2 and --eval-windows >= 0")
     if opts.overwrite and opts.resume:
         raise UserError("--overwrite and --resume exclude each other")
+    if opts.jobs < 1:
+        raise UserError(f"--jobs {opts.jobs}: give at least 1")
     if opts.time_budget < 0 or opts.probe_steps < 2:
         raise UserError("--time-budget must be >= 0 and --probe-steps >= 2")
     if opts.zero_shot_sample is not None and (opts.zero_shot_sample < 1 or opts.zero_shot_limit is not None):

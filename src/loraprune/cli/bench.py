@@ -53,6 +53,9 @@ def register(sub) -> None:
                    help="CPU seconds of training steps per row; each row's steps come from a probe of its own "
                         "step cost (0: --steps for every row)")
     g.add_argument("--probe-steps", type=int, default=6, help="steps of the time-budget probe run (default: 6)")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="rows trained at the same time, each in its own process with --threads threads; "
+                        "models are still evaluated one at a time (default: 1)")
     g.add_argument("--out", default="bench-out", help="output directory (default: bench-out)")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     g.add_argument("--resume", action="store_true", help="continue a --out: reuse finished rows with the same config")
@@ -87,7 +90,7 @@ def options_from_args(args):
                         patterns=args.patterns, element_criteria=args.element_criteria, no_recovery=args.no_recovery,
                         speed=args.speed, recipes=load_recipes(args.recipes) if args.recipes else [],
                         time_budget=args.time_budget, probe_steps=args.probe_steps,
-                        zero_shot_sample=args.zero_shot_sample)
+                        zero_shot_sample=args.zero_shot_sample, jobs=args.jobs)
 
 
 def run(args) -> int:

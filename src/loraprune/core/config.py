@@ -156,6 +156,9 @@ class PruneConfig:
                 raise UserError(f"--pattern {self.pattern} masks the float weight itself; it needs --base-quant none")
         if self.save_quant != "none" and not self.export:
             raise UserError("--save-quant quantizes the exported model; it needs the export (drop --no-export)")
+        if self.save_quant == "nf4" and self.ratio and "ffn" in self.target_list and self.round_to % 64:
+            raise UserError("--save-quant nf4 needs kept FFN widths that are multiples of 64 (bitsandbytes' "
+                            "AVX512-BF16 CPU kernel fails on others, see core/quant.py); add --round-to 64")
         if self.save_quant != "none" and self.pattern != "structured":
             raise UserError(f"--save-quant would re-round the exact zeros of --pattern {self.pattern}; save it in float")
         if not self.eval_list:

@@ -61,6 +61,31 @@ def n_params(model, skip_lora: bool = False) -> int:
     return sum(numel(p) for n, p in model.named_parameters() if not (skip_lora and ".lora_" in n))
 
 
+# bitsandbytes' 4-bit block: one scale per 64 consecutive weights of a row
+NF4_BLOCK = 64
+
+
+def portable_kernels(model) -> None:
+    """Keep every bitsandbytes 4-bit layer on the kernel every CPU runs.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2) repacks a Linear4bit's weight on its first
+    eval-mode forward without gradients, for a faster kernel: that rounds the block scales to bf16
+    (results then depend on the CPU) and fails outright when the layer's input width is not a
+    multiple of the 64-weight block ("shape '[64, 1]' is invalid for input of size 96"). Its own
+    per-layer switch `support_avx512bf16_for_cpu` turns the repacking off."""
+    for m in model.modules():
+        if getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+
+
+def nf4_unfit_layers(model) -> list[str]:
+    """Linear layers whose width bitsandbytes' AVX512-BF16 CPU kernel cannot take (see
+    portable_kernels): input not a multiple of 64 or output not a multiple of 32. A --save-quant nf4
+    export must have none, since whoever loads it may not turn that kernel off."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"
+            and (m.in_features % NF4_BLOCK or m.out_features % 32)]
+
+
 def release_checkpoint_pages(model) -> None:
     """After a quantized load the float parameters (embeddings, norms, lm_head) still alias the
     memory-mapped checkpoint, which keeps the whole float file resident (counted in RSS): copy them

@@ -17,7 +17,7 @@ import torch
 
 from ..core.arch import decoder_layers, unwrap
 from ..core.config import SAVE_DTYPES
-from ..core.quant import n_params
+from ..core.quant import n_params, nf4_unfit_layers
 from ..core.masks import MaskSet
 from ..errors import UserError
 from ..models import torch_dtype
@@ -141,6 +141,11 @@ def _requantize(out_dir: Path, quant: str) -> None:
     from ..models import load_model
 
     q = load_model(str(out_dir), "fp32", quant=quant)
+    unfit = nf4_unfit_layers(q) if quant == "nf4" else []
+    if unfit:
+        raise UserError(f"--save-quant nf4: {len(unfit)} layers (first {unfit[0]}) have widths bitsandbytes' "
+                        "AVX512-BF16 CPU kernel cannot load (inputs must be multiples of 64, outputs of 32); "
+                        "save in float, or prune with --round-to 64")
     tmp = out_dir / ".quantized"
     q.save_pretrained(tmp)
     del q
