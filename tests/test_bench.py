@@ -53,10 +53,16 @@ def test_bench_two_criteria_writes_table_and_plot(tiny_model_dir, text_file, tmp
         cfg = json.loads((run / "report.json").read_text())["config"]
         assert (cfg["steps"], cfg["seq_len"], cfg["batch_size"], cfg["seed"], cfg["export"]) == (2, 32, 2, 0, False)
     md = (out / "results.md").read_text()
-    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    main_md, versus_md = md.split("Against dense")
+    table = [ln for ln in main_md.splitlines() if ln.startswith("|")]
     assert table[0].startswith("| criterion | schedule | ratio | params kept |")
     assert "peak RSS (MB)" in table[0] and "step time vs plain LoRA" in table[0]
     assert len(table) == 2 + 1 + 3  # header, rule, dense, 3 rows
+    # the second table: every row's perplexity as a multiple of the dense model's
+    vs = [ln for ln in versus_md.splitlines() if ln.startswith("|")]
+    assert vs[0] == "| row | ratio | train.txt PPL vs dense |" and len(vs) == 2 + 1 + 3
+    assert vs[2] == "| dense (no fine-tuning) | 0 | 1.00x |"
+    assert f"| mask-taylor iterative | 0.5 | {mt['eval'][name]['ppl'] / dense['ppl']:.2f}x |" in vs
     assert all(ln.count("|") == table[0].count("|") for ln in table)
     assert any(ln.startswith("| mask-taylor | iterative | 0.5 |") for ln in table)
     png = (out / "ppl_vs_ratio.png").read_bytes()
@@ -177,3 +183,38 @@ def test_bench_recipes_at_equal_cpu_time(tiny_model_dir, text_file, tmp_path):
     bad.write_text("recipes:\n  - {name: x, flags: {ratio: 0.3}}\n")
     r = cli(*bench_args(tiny_model_dir(), text_file, tmp_path / "b2", "--recipes", bad))
     assert r.returncode == 2 and "cannot set" in r.stderr
+
+
+@pytest.mark.parametrize("pattern", ["structured", "2:4"])
+def test_row_flags_name_every_field_and_parse_back_to_the_row_config(pattern):
+    """A row's subprocess must not fill any field from its own defaults: every set field is a flag,
+    and the prune parser turns the flags back into the same config even if its defaults differ."""
+    from loraprune.bench.options import config_flags
+    from loraprune.cli import build_parser
+    from loraprune.cli.prune import config_from_args
+    from loraprune.core.config import PruneConfig
+
+    cfg = PruneConfig(pattern=pattern, criterion="lora", distill_alpha=0.5, export=False, out="x", lr=1e-3)
+    flags = config_flags(cfg)
+    named = {f.lstrip("-").removeprefix("no-").replace("-", "_") for f in flags if f.startswith("--")}
+    assert named == {k for k, v in cfg.to_dict().items() if v is not None}
+    # so no default of the child is consulted; and the flags parse back to the same config
+    args = build_parser().parse_args(["prune", *flags])
+    assert config_from_args(args).to_dict() == cfg.to_dict()
+
+
+def test_against_dense_table_has_each_task_and_the_mean_difference_in_points():
+    from loraprune.bench import versus
+
+    def ev(ppl, piqa, boolq):
+        return {"ptb": {"ppl": ppl}, "zeroshot": {"mean": (piqa + boolq) / 2, "per_task": {
+            "piqa": {"acc": 0.0, "acc_norm": piqa}, "boolq": {"acc": boolq, "acc_norm": None}}}}
+
+    doc = {"options": {"evals": ["ptb"], "zero_shot": ["boolq", "piqa"]}, "dense": {"eval": ev(40.0, 0.70, 0.60)},
+           "rows": [{"status": "ok", "plain_lora": False, "label": "r", "ratio": 0.5, "eval": ev(100.0, 0.64, 0.62)},
+                    {"status": "failed", "plain_lora": False, "label": "x", "ratio": 0.5}]}
+    lines = [ln for ln in versus.render(doc) if ln.startswith("|")]
+    assert lines[0] == "| row | ratio | PTB PPL vs dense | BoolQ | PIQA | zero-shot mean | vs dense (points) |"
+    assert lines[2] == "| dense (no fine-tuning) | 0 | 1.00x | 0.600 | 0.700 | 0.6500 | +0.0 |"
+    assert lines[3] == "| r | 0.5 | 2.50x | 0.620 | 0.640 | 0.6300 | -2.0 |"   # BoolQ has acc only
+    assert len(lines) == 4   # the failed row is left out

@@ -139,15 +139,13 @@ def zeroshot_api():
     return zeroshot
 
 
-ALWAYS = ("criterion", "schedule", "ratio", "steps", "seed", "out")
-
-
 def config_flags(cfg: PruneConfig) -> list[str]:
-    """cfg as prune flags: the row's identity always, every other field when not at its default."""
-    default = PruneConfig().to_dict()
+    """cfg as prune flags, every field that is set: the subprocess must not fill a field from its own
+    defaults, which may differ from this process's (an editable install edited while a long bench
+    runs, or another version on PATH)."""
     flags = []
     for k, v in cfg.to_dict().items():
-        if v is None or (v == default[k] and k not in ALWAYS):
+        if v is None:
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from . import sparse as sparse_bench
+from . import versus
 from .options import EVAL_LABELS, BenchOptions
 
 STYLE = {"iterative": ("-", "o"), "oneshot": ("--", "s")}
@@ -43,8 +44,8 @@ def render_markdown(doc: dict) -> str:
     best = _best(doc["rows"], evals[0]) if evals else {}
     for r in doc["rows"]:
         lines.append("| " + " | ".join(_row_cells(doc, r, best, len(head))) + " |")
-    lines += ["", "Bold: lowest first-listed perplexity at that ratio. Columns: see docs/benchmarks.md.", ""]
-    return "\n".join(lines)
+    lines += ["", "Bold: lowest first-listed perplexity at that ratio. Columns: see docs/benchmarks.md."]
+    return "\n".join(lines + versus.render(doc) + [""])
 
 
 def _preamble(doc: dict) -> list[str]:
@@ -184,7 +185,7 @@ def _best(rows: list[dict], name: str) -> dict:
 
 
 def plot(doc: dict, path) -> None:
-    """PPL (log scale) vs ratio: one panel per eval text, one line per criterion and schedule; lines
+    """PPL (log scale) vs ratio: one panel per eval text, one line per recipe (or criterion and schedule); lines
     start at the plain-LoRA row (ratio 0); the dense model is the dotted line."""
     import matplotlib
 
@@ -196,20 +197,17 @@ def plot(doc: dict, path) -> None:
     plain = next((r for r in rows if r["plain_lora"]), None)
     fig, axes = plt.subplots(1, max(1, len(evals)), figsize=(6 * max(1, len(evals)), 4.5), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    crits = list(dict.fromkeys(r["criterion"] for r in rows if not r["plain_lora"]))
+    lines = versus.plot_lines(doc)   # one line per recipe, or per (criterion, schedule)
     for ax, name in zip(axes[0], evals):
-        for ci, c in enumerate(crits):
-            for s in doc["options"]["schedules"]:
-                pts = sorted((r["ratio"], _ppl(r["eval"], name)) for r in rows
-                             if r["criterion"] == c and r["schedule"] == s and not r["plain_lora"]
-                             and r.get("pattern", "structured") == "structured")
-                pts = [p for p in pts if p[1] is not None and math.isfinite(p[1])]
-                if not pts:
-                    continue
-                if plain and _ppl(plain["eval"], name):
-                    pts = [(0.0, _ppl(plain["eval"], name))] + pts
-                ls, mk = STYLE.get(s, ("-", "^"))
-                ax.plot(*zip(*pts), linestyle=ls, marker=mk, color=colors[ci % len(colors)], label=f"{c} ({s})")
+        for ci, (label, sched, line_rows) in enumerate(lines):
+            pts = sorted((r["ratio"], _ppl(r["eval"], name)) for r in line_rows)
+            pts = [p for p in pts if p[1] is not None and math.isfinite(p[1])]
+            if not pts:
+                continue
+            if plain and _ppl(plain["eval"], name):
+                pts = [(0.0, _ppl(plain["eval"], name))] + pts
+            ls, mk = STYLE.get(sched, ("-", "^"))
+            ax.plot(*zip(*pts), linestyle=ls, marker=mk, color=colors[ci % len(colors)], label=label)
         d = _ppl((doc.get("dense") or {}).get("eval"), name)
         if d:
             ax.axhline(d, color="grey", linestyle=":", label="dense")
@@ -219,8 +217,10 @@ def plot(doc: dict, path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=2)
     b = doc["budget"]
-    fig.suptitle(f"{_model(doc['options'])}: {b['steps']} LoRA steps x "
-                 f"{b['batch_size'] * b['grad_accum']} x {b['seq_len']} tokens per row", fontsize=10)
+    budget = (f"{doc['options']['time_budget']:g} CPU-s of LoRA steps" if doc["options"].get("time_budget")
+              else f"{b['steps']} LoRA steps")
+    fig.suptitle(f"{_model(doc['options'])}: {budget} x {b['batch_size'] * b['grad_accum']} x {b['seq_len']} "
+                 "tokens per row", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
