@@ -218,3 +218,28 @@ def test_against_dense_table_has_each_task_and_the_mean_difference_in_points():
     assert lines[2] == "| dense (no fine-tuning) | 0 | 1.00x | 0.600 | 0.700 | 0.6500 | +0.0 |"
     assert lines[3] == "| r | 0.5 | 2.50x | 0.620 | 0.640 | 0.6300 | -2.0 |"   # BoolQ has acc only
     assert len(lines) == 4   # the failed row is left out
+
+
+def test_bench_zero_shot_columns_batch_size_and_resume(tiny_model_dir, text_file, tmp_path):
+    """--zero-shot with a seeded sample and a batch size: per-task records carry the batch size, the
+    against-dense table has the task's column, and --resume re-evaluates only when the batch size differs."""
+    out = tmp_path / "bench"
+    args = bench_args(tiny_model_dir(), text_file, out, "--ratios", "0.5", "--criteria", "lora", "--schedules",
+                      "oneshot", "--no-plain", "--zero-shot", "piqa", "--zero-shot-sample", 3,
+                      "--zero-shot-batch-size", 2)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    for ev in (doc["dense"]["eval"], doc["rows"][0]["eval"]):
+        rec = ev["zeroshot"]["per_task"]["piqa"]
+        assert rec["batch_size"] == 2 and rec["docs"] == 3 and rec["subset"] == "random 3 (seed 0)"
+    md = (out / "results.md").read_text()
+    assert "| row | ratio | train.txt PPL vs dense | PIQA | zero-shot mean | vs dense (points) |" in md
+    assert "lm_eval batch size 2" in md
+    before = (out / "dense_eval.json").stat().st_mtime_ns
+    assert cli(*args, "--resume").returncode == 0
+    assert (out / "dense_eval.json").stat().st_mtime_ns == before      # same protocol: reused
+    r = cli(*args[:-1], 1, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["dense"]["eval"]["zeroshot"]["per_task"]["piqa"]["batch_size"] == 1   # re-measured

@@ -38,7 +38,11 @@ def test_tiny_prune_run_writes_consistent_outputs(tiny_model_dir, text_file, tmp
     assert rep["params_pruned"] == rep["params_dense"] - removed
     assert rep["achieved_unit_ratio"] == pytest.approx(0.5)
     assert len(rep["losses"]) == 6 and all(x > 0 for x in rep["losses"])
-    assert rep["loss_parts"]["ce"] == pytest.approx(rep["losses"], rel=1e-6)  # the objective's parts, per step
+    # the default objective distils: loss = (1 - a) CE + a T^2 KL, per step, from the objective's parts
+    a, t = cfg["distill_alpha"], cfg["distill_temp"]
+    assert (a, t) == (0.5, 1.0) and all(k > 0 for k in rep["loss_parts"]["kl"])
+    assert [(1 - a) * c + a * t * t * k for c, k in zip(rep["loss_parts"]["ce"], rep["loss_parts"]["kl"])] \
+        == pytest.approx(rep["losses"], rel=1e-5)
     assert rep["eval"]["dense"]["windows"] == 2 and rep["eval"]["pruned"]["ppl"] > 0
     masks = json.loads((out / "masks.json").read_text())
     assert [len(l["ffn_kept"]) for l in masks["layers"]] == [48, 48]
@@ -58,11 +62,12 @@ def test_same_seed_same_masks(tiny_model_dir, text_file, tmp_path):
 CASES = ["ratio", "ratio_neg", "ratio_zero_units", "missing_model", "corrupt_weights", "truncated_weights",
          "no_tokenizer", "short_data", "missing_data", "empty_data", "binary_data", "seq_len_over_context",
          "out_not_empty", "out_not_writable", "unknown_arch", "criterion", "uniform_skip", "nan_loss",
-         "nan_score", "bad_config_file"]
+         "nan_score", "nan_calibration", "bad_config_file"]
 # The NaN cases use the test-only fault injection (loraprune.faults): a NaN from a huge --lr depends
 # on the CPU's floating-point kernels (one AVX-512 machine saturates at a finite loss instead).
 FAULTS = {"nan_loss": ("nan-loss@5", "loss became nan at step 5", 4),
-          "nan_score": ("nan-score@4", "importance is not finite at step 4", 3)}
+          "nan_score": ("nan-score@4", "importance is not finite at step 4", 3),      # iterative scoring
+          "nan_calibration": ("nan-score@0", "importance is not finite in the oneshot calibration", None)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -119,7 +124,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, t
         (tmp_path / "afile").write_text("x")
         out = tmp_path / "afile" / "out"   # parent is a file (root ignores permission bits)
     elif case in FAULTS:
-        extra = ["--save-every", 1, "--steps", 20, "--keep-checkpoints", 2]
+        extra = ["--save-every", 1, "--steps", 20, "--keep-checkpoints", 2,
+                 "--schedule", "oneshot" if case == "nan_calibration" else "iterative"]
         env = {"LORAPRUNE_FAULTS": FAULTS[case][0]}
     elif case == "bad_config_file":
         (tmp_path / "c.yaml").write_text("ratio: [unclosed")
@@ -136,12 +142,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_model_dir, t
         assert os.listdir(out) == ["keep.txt"]
     else:
         assert not out.exists()
-    if case in FAULTS:  # stopped at that step, said so, and kept the last good checkpoint for --resume
+    if case in FAULTS and FAULTS[case][2] is not None:
+        # stopped at that step, said so, and kept the last good checkpoint for --resume
         _, what, last = FAULTS[case]
         assert what in lines[0] and f"last good checkpoint (step-{last:07d})" in lines[0], lines[0]
         kept = sorted(os.listdir(tmp_path / ".out.partial" / "checkpoints"))
         assert kept == [f"step-{last - 1:07d}", f"step-{last:07d}"]
     else:
+        assert case not in FAULTS or FAULTS[case][1] in lines[0], lines[0]
         assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
 
 

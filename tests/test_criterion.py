@@ -181,7 +181,7 @@ def test_lora_projections_flag_reaches_the_run(tiny_model_dir, text_file, tmp_pa
         out = tmp_path / which
         cfg = PruneConfig(model=model, data=str(text_file), eval_windows=0, seq_len=32, batch_size=2, steps=4,
                           prune_every=1, ratio=0.5, skip_layers="none", export=False, save_every=0,
-                          lora_projections=which, out=str(out))
+                          lora_projections=which, criterion="lora", out=str(out))
         prune(cfg)
         assert seen == {which}
         assert json.loads((out / "loraprune_config.json").read_text())["lora_projections"] == which

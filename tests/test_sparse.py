@@ -440,7 +440,7 @@ def test_flag_semantics():
     assert (again.pattern, again.ratio, again.sparsity) == ("unstructured", 0.3, 0.5)
     for kw in [dict(sparsity=0.5), dict(pattern="2:4", sparsity=0.3), dict(pattern="4:2"), dict(pattern="2of4"),
                dict(pattern="unstructured", sparsity=1.0), dict(pattern="2:4", criterion="taylor"),
-               dict(criterion="wanda"), dict(pattern="2:4", lora_dropout=0.1), dict(steps=0),
+               dict(criterion="wanda"), dict(pattern="2:4", lora_dropout=0.1), dict(steps=0, schedule="iterative"),
                dict(pattern=124)]:
         with pytest.raises(UserError):
             PruneConfig(**kw)

@@ -3,7 +3,8 @@ or config field reaches it.
 
 LORAPRUNE_FAULTS is a comma list of
   nan-loss@K    the training loss of optimizer step K is NaN (as if the forward had overflowed)
-  nan-score@K   the importance scores observed after the backward of step K are NaN
+  nan-score@K   the importance scores observed after the backward of step K are NaN (K = 0: the
+                oneshot calibration's)
   delay=S       sleep S seconds after every optimizer step (so a test can kill a run at a chosen point)
 The tests use it to reach the divergence and interruption paths deterministically: a NaN produced
 by a huge learning rate depends on the CPU's floating-point kernels (on one machine --lr 1e12

@@ -82,6 +82,11 @@ def _finished(run_dir: Path, cfg: PruneConfig) -> dict | None:
     return rep if same else None
 
 
+def _evaluable(run_dir: Path) -> bool:
+    """Whether a finished row's model can still be rebuilt: its adapter, or its export (quantized base)."""
+    return (run_dir / "adapter" / "adapter_config.json").is_file() or (run_dir / "config.json").is_file()
+
+
 @dataclass
 class _Bench:
     """What every row of one bench run shares."""
@@ -184,13 +189,15 @@ def _row(b: _Bench, row) -> dict:
     if opts.patterns != ["structured"] or opts.speed:
         rec.update(pattern=row.pattern, recovery_steps=cfg.steps)
     rep = _finished(run_dir, cfg) if opts.resume else None
-    if rep is None:
+    ev = read_json(run_dir / "eval.json") if rep is not None else None
+    stale = ev is None or not same_protocol(ev, b.protocols, opts)
+    if rep is None or (stale and not _evaluable(run_dir)):  # (a finished row's adapter is deleted after its eval)
         rc, last = run_prune(cfg, out / "logs" / f"{row.id}.log")
         rep = _finished(run_dir, cfg) if rc == 0 else None
         if rep is None:
             return {**rec, "status": "failed", "error": f"prune exited {rc}: {last}"}
-    ev = read_json(run_dir / "eval.json") if opts.resume else None
-    if ev is None or not same_protocol(ev, b.protocols, opts):
+        stale = True
+    if stale:
         with b.eval_lock:
             b.emit("phase", f"evaluating {row.id}")
             model = load_row_model(opts, run_dir)

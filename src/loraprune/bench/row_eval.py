@@ -24,7 +24,8 @@ def eval_model(model, tokenizer, opts: BenchOptions, seed: int, label: str) -> d
     out = {name: ppl_record(model, tokenizer, name, settings, model_label=label) for name in opts.evals}
     if opts.zero_shot:
         zs = zeroshot_api()
-        settings = zs.ZeroShotSettings(limit=opts.zero_shot_limit, sample=opts.zero_shot_sample, sample_seed=seed)
+        settings = zs.ZeroShotSettings(limit=opts.zero_shot_limit, sample=opts.zero_shot_sample, sample_seed=seed,
+                                       batch_size=opts.zero_shot_batch_size)
         out["zeroshot"] = zs.zeroshot_mean(model, tokenizer, opts.zero_shot, settings, model_label=label)
     return out
 
@@ -67,6 +68,7 @@ def same_protocol(ev: dict | None, protocols: dict, opts: BenchOptions) -> bool:
         want = (f"first {opts.zero_shot_limit}" if opts.zero_shot_limit else None) or (
             f"random {opts.zero_shot_sample} (seed {int(opts.prune_flags.get('seed', 0))})"
             if opts.zero_shot_sample else "all")
+        batches = {r.get("batch_size", 1) for r in (z.get("per_task") or {}).values()}
         return z.get("tasks") == list(opts.zero_shot) and z.get("limit") == opts.zero_shot_limit \
-            and z.get("subset") == want
+            and z.get("subset") == want and batches == {opts.zero_shot_batch_size}
     return True

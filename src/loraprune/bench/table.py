@@ -78,7 +78,7 @@ def _preamble(doc: dict) -> list[str]:
         subset = (f"first {o['zero_shot_limit']}" if o.get("zero_shot_limit") else None) or (
             f"a seeded random {o['zero_shot_sample']} (seed {b['seed']})" if o.get("zero_shot_sample") else "all")
         lines.append(f"- Zero-shot: stock lm_eval on {', '.join(o['zero_shot'])}, {subset} documents per task; "
-                     "mean of acc_norm (acc where a task has none).")
+                     f"lm_eval batch size {o.get('zero_shot_batch_size', 1)}; mean of acc_norm (acc where a task has none).")
     for r in o.get("recipes") or []:
         flags = ", ".join(f"{k}={v}" for k, v in r["flags"].items())
         lines.append(f"- Recipe `{r['name']}` ({r['label']}): {flags or 'the shared flags'}.")

@@ -46,6 +46,8 @@ def register(sub) -> None:
     g.add_argument("--zero-shot-limit", type=int, default=None, help="the first N documents per zero-shot task")
     g.add_argument("--zero-shot-sample", type=int, default=None, metavar="N",
                    help="a seeded random N documents per zero-shot task (the same for every row; seed: --seed)")
+    g.add_argument("--zero-shot-batch-size", type=int, default=1, metavar="B",
+                   help="lm_eval batch size of the zero-shot tasks (recorded with every number; default: 1)")
     g.add_argument("--recipes", metavar="FILE", default=None,
                    help="YAML/JSON list of named recipes (flag sets) to run at every ratio, instead of the "
                         "criteria x schedules grid (see loraprune/bench/recipes.py)")
@@ -90,7 +92,8 @@ def options_from_args(args):
                         patterns=args.patterns, element_criteria=args.element_criteria, no_recovery=args.no_recovery,
                         speed=args.speed, recipes=load_recipes(args.recipes) if args.recipes else [],
                         time_budget=args.time_budget, probe_steps=args.probe_steps,
-                        zero_shot_sample=args.zero_shot_sample, jobs=args.jobs)
+                        zero_shot_sample=args.zero_shot_sample, jobs=args.jobs,
+                        zero_shot_batch_size=args.zero_shot_batch_size)
 
 
 def run(args) -> int:

@@ -15,7 +15,7 @@ def add_config_flags(p, skip: frozenset | set = frozenset()) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_ = f"{f.metadata.get('help', '')} (default: {default})"
+        help_ = f.metadata.get("help", "") + ("" if default is None else f" (default: {default})")  # None: help says
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue

@@ -50,7 +50,9 @@ class PruneConfig:
     min_keep: float = _f(0.1, "with --allocation global: every pruned layer keeps at least this fraction of its "
                          "heads and of its FFN channels")
     # how to score and when to mask
-    criterion: str = _f("lora", "importance criterion: " + ", ".join(CRITERIA), choices=CRITERIA)
+    criterion: str = _f(None, "importance criterion: " + ", ".join(CRITERIA) + "; lora is the paper's. Unset: "
+                        "mask-taylor for structured pruning (the tuned recipe, benchmarks/recovery), lora for "
+                        "--pattern N:M / unstructured", choices=CRITERIA)
     importance: str = _f("squared", "lora element importance: squared (paper) or abs-norm (reference code)",
                          choices=IMPORTANCE)
     lora_projections: str = _f("all", "projections the lora criterion sums a unit's importance over: all seven "
@@ -58,7 +60,8 @@ class PruneConfig:
                                "the LoRA gradient estimate mixes units in the columns of o_proj and down_proj; "
                                "see docs/benchmarks.md)", choices=LORA_PROJECTIONS)
     ema: float = _f(0.9, "moving-average factor lambda for importance: I <- lambda*I + (1-lambda)*I_new")
-    schedule: str = _f("iterative", "iterative (mask during fine-tuning) or oneshot (score, prune, fine-tune)",
+    schedule: str = _f(None, "iterative (mask during fine-tuning; the paper's) or oneshot (score, prune, "
+                       "fine-tune). Unset: oneshot for structured pruning (tuned), iterative for element patterns",
                        choices=SCHEDULES)
     prune_every: int = _f(5, "update the masks every N optimizer steps during the ramp")
     warmup_frac: float = _f(0.1, "fraction of steps before pruning starts")
@@ -69,9 +72,10 @@ class PruneConfig:
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: float = _f(16.0, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
-    lr: float = _f(3e-4, "peak AdamW learning rate of the LoRA weights")
-    distill_alpha: float = _f(0.0, "self-distillation weight a: loss = (1-a) CE + a T^2 KL(teacher || student); "
-                              "the teacher is the dense base (LoRA off, masks open) on the same batch; 0: off")
+    lr: float = _f(3e-3, "peak AdamW learning rate of the LoRA weights (tuned: benchmarks/recovery/tune)")
+    distill_alpha: float = _f(0.5, "self-distillation weight a: loss = (1-a) CE + a T^2 KL(teacher || student); "
+                              "the teacher is the dense base (LoRA off, masks open) on the same batch; 0: off "
+                              "(the paper's plain CE)")
     distill_temp: float = _f(1.0, "distillation temperature T")
     head_chunk: int = _f(256, "tokens per chunk of the LM head + loss (the [tokens, vocab] logits never exist "
                          "at once)")
@@ -113,8 +117,15 @@ class PruneConfig:
 
     def resolve(self) -> None:
         """Fill what depends on other fields (idempotent: a saved config resolves to itself):
-        the pattern's defaults (docs/sparsity.md) and --uniform's layer set."""
+        the pattern's defaults (docs/sparsity.md), the default criterion and schedule (structured
+        pruning: the tuned mask-taylor oneshot; element patterns: lora iterative, never re-tuned) and
+        --uniform's layer set."""
         self._resolve_pattern()
+        structured = self.pattern == "structured"
+        if self.criterion is None:
+            self.criterion = "mask-taylor" if structured else "lora"
+        if self.schedule is None:
+            self.schedule = "oneshot" if structured else "iterative"
         if self.uniform and self.skip_layers == "auto":
             self.skip_layers = "none"  # --uniform means every layer is pruned alike
 

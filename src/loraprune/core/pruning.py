@@ -114,6 +114,10 @@ class UnitPruning(Pruning):
         `reduce` (data parallel) averages the scores across ranks in place so masks agree."""
         if step is not None and not self.scoring(step):
             return
+        self._fold(model, reduce, step)
+
+    def _fold(self, model, reduce, step: int | None) -> None:
+        # step: the loop's step, 0 for oneshot calibration (the fault switch can target either)
         for i in self.masks.prunable:
             new = self.criterion.layer_scores(model, self.spec.layers[i])
             if reduce is not None:
@@ -143,7 +147,7 @@ class UnitPruning(Pruning):
             for k in range(batches):
                 self.ema = k / (k + 1)  # running mean
                 forward_backward()
-                self.observe(model, reduce)
+                self._fold(model, reduce, 0)
                 clear_grads(model, self.masks)
         finally:
             self.ema = ema

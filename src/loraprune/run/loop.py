@@ -94,7 +94,11 @@ def calibrate(job) -> None:
     and prunes to its final ratio; training then starts from the first batch again."""
     for p in job.prunings:
         stream = job.new_stream()
-        p.calibrate(job.model, lambda: forward_backward(job, stream), job.cfg.calib_batches, job.dist.average)
+        try:
+            p.calibrate(job.model, lambda: forward_backward(job, stream), job.cfg.calib_batches, job.dist.average)
+        except NonFiniteScores as err:
+            raise TrainingDiverged(f"{err} in the oneshot calibration (before any training step): "
+                                   "stopped; nothing was written") from None
     job.stream = job.new_stream()
 
 
